@@ -1,0 +1,21 @@
+"""Errors a user can cause: each carries one clear line for the terminal."""
+
+
+class CollectorError(Exception):
+    """An error that ends a command with one line on stderr and a non-zero exit.
+
+    :param message: the one line shown to the user.
+    :param exit_code: the process exit status (2 for usage errors, 1 otherwise).
+    """
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class ImageError(CollectorError):
+    """An image is truncated, corrupted, hostile or not an image at all."""
+
+
+class NotApplicable(CollectorError):
+    """A plugin or an operation does not apply to this image; the message says why."""
