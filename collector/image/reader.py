@@ -1,0 +1,415 @@
+"""Reads native images: random access through the index, or a frame scan when cut short.
+
+A complete image ends with an INDEX record and the zstd seekable-format seek table, so any
+page is found without reading the RAM before it. An image cut short (killed, disk full) has
+neither; it is then scanned frame by frame from the start, which needs only the skippable
+frame headers because each DESC gives the size of the DATA frame after it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import struct
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import zstandard
+
+from collector.errors import ImageError
+from collector.image import format as fmt
+from collector.memory import Fate, FateRun, PageFate, PageNotCaptured
+
+_CACHE_CHUNKS = 8
+
+
+@dataclass
+class ChunkRef:
+    """Where one chunk lives in the file; its DESC is read when first needed."""
+
+    seq: int
+    paddr: int
+    ram_bytes: int
+    desc_offset: int
+    desc_size: int
+    data_size: int
+    desc: fmt.Desc | None = None
+
+    @property
+    def end(self) -> int:
+        return self.paddr + self.ram_bytes
+
+    @property
+    def data_offset(self) -> int:
+        return self.desc_offset + self.desc_size
+
+
+@dataclass
+class BlobRef:
+    name: str
+    offset: int
+    frame_size: int
+
+
+class NativeImage:
+    """A native ``.lime.zst`` image as :class:`~collector.memory.PhysicalMemory`.
+
+    :param path: the image file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        try:
+            self._f = open(self.path, "rb")  # noqa: SIM115 - closed by close()
+        except OSError as e:
+            raise ImageError(f"{self.path}: cannot open: {e.strerror}") from None
+        self.size = os.fstat(self._f.fileno()).st_size
+        self._dctx = zstandard.ZstdDecompressor()
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self.chunks: list[ChunkRef] = []
+        self.blobs: dict[str, BlobRef] = {}
+        self.end: dict | None = None
+        self.problems: list[str] = []
+        self.indexed = False
+        head = self._frame_head(0)
+        if head is None or head[0] != fmt.HEADER:
+            raise ImageError(f"{self.path}: not a collector image (no header record)")
+        self.header = fmt.Header.decode(self._read_at(fmt.FRAME_HEAD.size, head[1]))
+        self.page_size = self.header.page_size
+        self.metadata = self.header.metadata
+        if not self._load_index():
+            self._scan()
+        self.chunks.sort(key=lambda c: c.paddr)
+        self._starts = [c.paddr for c in self.chunks]
+        self._planned = [tuple(r) for r in self.metadata.get("ranges", [])]
+
+    # -- file access ---------------------------------------------------------------------------
+
+    def _read_at(self, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0 or offset + size > self.size:
+            raise ImageError(f"{self.path}: record at {offset} runs past the end of the file")
+        data = os.pread(self._f.fileno(), size, offset)
+        if len(data) != size:
+            raise ImageError(f"{self.path}: short read at {offset}")
+        return data
+
+    def _frame_head(self, offset: int) -> tuple[int, int] | None:
+        if offset + fmt.FRAME_HEAD.size > self.size:
+            return None
+        return fmt.FRAME_HEAD.unpack(self._read_at(offset, fmt.FRAME_HEAD.size))
+
+    # -- locating records ----------------------------------------------------------------------
+
+    def _load_index(self) -> bool:
+        """Use the seek table and INDEX at the end of the file; False when they are absent."""
+        if self.size < 17:
+            return False
+        try:
+            count, table_size = fmt.decode_seek_footer(self._read_at(self.size - 9, 9))
+            if table_size > self.size:
+                return False
+            table_start = self.size - table_size
+            head = self._frame_head(table_start)
+            if head != (fmt.SEEK_TABLE, table_size - fmt.FRAME_HEAD.size):
+                return False
+            frames = fmt.decode_seek_table(self._read_at(table_start + 8, table_size - 8))
+            if not frames or sum(c for c, _ in frames) != table_start:
+                return False
+            index_size = frames[-1][0]
+            index_offset = table_start - index_size
+            head = self._frame_head(index_offset)
+            if head != (fmt.INDEX, index_size - 8):
+                return False
+            rows = fmt.decode_index(self._read_at(index_offset + 8, index_size - 8))
+            end_size = frames[-2][0] if len(frames) > 1 else 0
+            head = self._frame_head(index_offset - end_size)
+            if head is None or head[0] != fmt.END:
+                return False
+            self.end = self._json(self._read_at(index_offset - end_size + 8, head[1]), "end")
+        except (ImageError, struct.error):
+            return False
+        for r in rows:
+            if r.kind == fmt.INDEX_CHUNK:
+                self.chunks.append(
+                    ChunkRef(r.seq, r.paddr, r.ram_bytes, r.offset, r.frame_size, r.data_size)
+                )
+            elif r.kind == fmt.INDEX_BLOB:
+                self.blobs[r.name] = BlobRef(r.name, r.offset, r.frame_size)
+        self.indexed = True
+        return True
+
+    def _scan(self) -> None:
+        """Walk every frame from the start: the way to read an image that was cut short."""
+        offset = 0
+        while offset < self.size:
+            head = self._frame_head(offset)
+            if head is None:
+                self.problems.append(f"image ends inside a frame header at byte {offset}")
+                return
+            magic, length = head
+            if magic & 0xFFFFFFF0 != fmt.SKIPPABLE_BASE:
+                self.problems.append(f"unexpected frame {magic:#x} at byte {offset}")
+                return
+            frame_size = fmt.FRAME_HEAD.size + length
+            if offset + frame_size > self.size:
+                self.problems.append(f"image is cut short inside a record at byte {offset}")
+                return
+            if magic == fmt.DESC:
+                desc = fmt.Desc.decode(self._read_at(offset + 8, length))
+                if offset + frame_size + desc.data_size > self.size:
+                    self.problems.append(
+                        f"image is cut short inside chunk {desc.seq} at {desc.paddr:#x}"
+                    )
+                    return
+                self.chunks.append(
+                    ChunkRef(desc.seq, desc.paddr, desc.ram_bytes, offset, frame_size,
+                             desc.data_size, desc)
+                )
+                offset += frame_size + desc.data_size
+                continue
+            if magic == fmt.BLOB:
+                name = fmt.Blob.decode(self._read_at(offset + 8, min(length, 1024))).name
+                self.blobs[name] = BlobRef(name, offset, frame_size)
+            elif magic == fmt.END:
+                self.end = self._json(self._read_at(offset + 8, length), "end")
+            offset += frame_size
+
+    def _json(self, payload: bytes, what: str) -> dict:
+        try:
+            value = json.loads(payload.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ImageError(f"{self.path}: the {what} record is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise ImageError(f"{self.path}: the {what} record is not a JSON object")
+        return value
+
+    # -- chunks ---------------------------------------------------------------------------------
+
+    def _desc(self, chunk: ChunkRef) -> fmt.Desc:
+        if chunk.desc is None:
+            payload = self._read_at(chunk.desc_offset + 8, chunk.desc_size - 8)
+            chunk.desc = fmt.Desc.decode(payload)
+            if chunk.desc.paddr != chunk.paddr or chunk.desc.ram_bytes != chunk.ram_bytes:
+                raise ImageError(f"{self.path}: index and descriptor of chunk {chunk.seq} disagree")
+        return chunk.desc
+
+    def _chunk_bytes(self, chunk: ChunkRef) -> bytes:
+        cached = self._cache.get(chunk.seq)
+        if cached is not None:
+            self._cache.move_to_end(chunk.seq)
+            return cached
+        desc = self._desc(chunk)
+        frame = self._read_at(chunk.data_offset, chunk.data_size)
+        expected = chunk.ram_bytes + (fmt.LIME_HEADER.size if desc.has_lime_header else 0)
+        try:
+            data = self._dctx.decompress(frame, max_output_size=expected)
+        except zstandard.ZstdError as e:
+            raise ImageError(f"{self.path}: chunk {chunk.seq} at {chunk.paddr:#x} is corrupt: {e}") from None
+        if len(data) != expected:
+            raise ImageError(f"{self.path}: chunk {chunk.seq} at {chunk.paddr:#x} has the wrong size")
+        if desc.has_lime_header:
+            data = data[fmt.LIME_HEADER.size :]
+        self._cache[chunk.seq] = data
+        if len(self._cache) > _CACHE_CHUNKS:
+            self._cache.popitem(last=False)
+        return data
+
+    def _chunk_at(self, paddr: int) -> ChunkRef | None:
+        i = bisect.bisect_right(self._starts, paddr) - 1
+        if i >= 0 and paddr < self.chunks[i].end:
+            return self.chunks[i]
+        return None
+
+    def _run_fate(self, chunk: ChunkRef, paddr: int) -> PageFate:
+        page = paddr // self.page_size - chunk.paddr // self.page_size
+        for run in self._desc(chunk).runs:
+            if run.start <= page < run.start + run.count:
+                return PageFate(run.fate, run.errno)
+        return PageFate(Fate.READ)
+
+    # -- PhysicalMemory -----------------------------------------------------------------------
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """The planned ranges (the LiME ranges); pages of them absent from a cut image are MISSING."""
+        if self._planned:
+            return [(int(s), int(e)) for s, e in self._planned]
+        return self.captured_ranges()
+
+    def captured_ranges(self) -> list[tuple[int, int]]:
+        """The ranges the image's chunks really hold, adjacent chunks merged."""
+        out: list[tuple[int, int]] = []
+        for c in self.chunks:
+            if out and out[-1][1] == c.paddr:
+                out[-1] = (out[-1][0], c.end)
+            else:
+                out.append((c.paddr, c.end))
+        return out
+
+    def missing_ranges(self) -> list[tuple[int, int]]:
+        """Parts of the planned ranges that no chunk in the image holds."""
+        return _subtract(self.ranges(), self.captured_ranges())
+
+    def fate(self, paddr: int) -> PageFate:
+        chunk = self._chunk_at(paddr)
+        if chunk is not None:
+            return self._run_fate(chunk, paddr)
+        if any(s <= paddr < e for s, e in self.ranges()):
+            return PageFate(Fate.MISSING)
+        return PageFate(Fate.OUTSIDE)
+
+    def read(self, paddr: int, size: int) -> bytes:
+        out = bytearray()
+        while size > 0:
+            chunk = self._chunk_at(paddr)
+            if chunk is None:
+                raise PageNotCaptured(paddr, self.fate(paddr).fate)
+            page_end = paddr - paddr % self.page_size + self.page_size
+            fate = self._run_fate(chunk, paddr)
+            if fate.fate != Fate.READ:
+                raise PageNotCaptured(paddr - paddr % self.page_size, fate.fate, fate.errno)
+            end = min(chunk.end, page_end, paddr + size)
+            data = self._chunk_bytes(chunk)
+            out += data[paddr - chunk.paddr : end - chunk.paddr]
+            size -= end - paddr
+            paddr = end
+        return bytes(out)
+
+    def blob(self, name: str) -> bytes | None:
+        ref = self.blobs.get(name)
+        if ref is None:
+            return None
+        return self._blob_data(fmt.Blob.decode(self._read_at(ref.offset + 8, ref.frame_size - 8)))
+
+    def _blob_data(self, blob: fmt.Blob) -> bytes:
+        try:
+            data = self._dctx.decompress(blob.frame, max_output_size=blob.raw_length)
+        except zstandard.ZstdError as e:
+            raise ImageError(f"{self.path}: blob {blob.name!r} is corrupt: {e}") from None
+        if len(data) != blob.raw_length or hashlib.sha256(data).digest() != blob.sha256:
+            raise ImageError(f"{self.path}: blob {blob.name!r} does not match its SHA-256")
+        return data
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> NativeImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- whole-image views ---------------------------------------------------------------------
+
+    def fate_runs(self) -> Iterator[FateRun]:
+        """Every run of pages whose fate is not READ, in physical order, with absolute addresses."""
+        for chunk in self.chunks:
+            base = chunk.paddr - chunk.paddr % self.page_size
+            for r in self._desc(chunk).runs:
+                yield FateRun(base + r.start * self.page_size, r.count, r.fate, r.errno)
+
+    def verify(self) -> VerifyReport:
+        """Decompress every frame in file order, checking each checksum and the stream hash."""
+        report = VerifyReport(complete=self.end is not None and not self.problems)
+        stream = hashlib.sha256()
+        offset = 0
+        expected_seq = 0
+        while offset < self.size:
+            head = self._frame_head(offset)
+            if head is None:
+                break
+            magic, length = head
+            if magic & 0xFFFFFFF0 != fmt.SKIPPABLE_BASE:
+                report.errors.append(f"unexpected frame {magic:#x} at byte {offset}")
+                break
+            frame_size = 8 + length
+            if offset + frame_size > self.size:
+                break
+            if magic == fmt.DESC:
+                try:
+                    desc = fmt.Desc.decode(self._read_at(offset + 8, length))
+                except ImageError as e:
+                    report.errors.append(str(e))
+                    break
+                if offset + frame_size + desc.data_size > self.size:
+                    break
+                if desc.seq != expected_seq:
+                    report.errors.append(f"chunk {desc.seq} found where chunk {expected_seq} belongs")
+                expected_seq = desc.seq + 1
+                frame = self._read_at(offset + frame_size, desc.data_size)
+                expected = desc.ram_bytes + (32 if desc.has_lime_header else 0)
+                try:
+                    data = self._dctx.decompress(frame, max_output_size=expected)
+                    if len(data) != expected:
+                        raise zstandard.ZstdError("wrong decompressed size")
+                except zstandard.ZstdError as e:
+                    report.errors.append(f"chunk {desc.seq} at {desc.paddr:#x}: {e}")
+                    data = b""
+                stream.update(data)
+                report.chunks += 1
+                report.stream_bytes += len(data)
+                offset += frame_size + desc.data_size
+                continue
+            if magic == fmt.BLOB:
+                try:
+                    blob = fmt.Blob.decode(self._read_at(offset + 8, length))
+                    self._blob_data(blob)
+                    report.blobs.append(blob.name)
+                except ImageError as e:
+                    report.errors.append(str(e))
+            offset += frame_size
+        report.stream_sha256 = stream.hexdigest()
+        if self.end is not None:
+            if self.end.get("stream_sha256") != report.stream_sha256:
+                report.errors.append(
+                    "whole-stream SHA-256 does not match the one the image records "
+                    f"({report.stream_sha256} != {self.end.get('stream_sha256')})"
+                )
+            if self.end.get("chunks") != report.chunks:
+                report.errors.append(
+                    f"image records {self.end.get('chunks')} chunks but holds {report.chunks}"
+                )
+        report.missing = self.missing_ranges()
+        report.problems = list(self.problems)
+        return report
+
+
+@dataclass
+class VerifyReport:
+    """What `collect verify` found."""
+
+    complete: bool
+    chunks: int = 0
+    stream_bytes: int = 0
+    stream_sha256: str = ""
+    blobs: list[str] = None  # type: ignore[assignment]
+    errors: list[str] = None  # type: ignore[assignment]
+    missing: list[tuple[int, int]] = None  # type: ignore[assignment]
+    problems: list[str] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.blobs = self.blobs or []
+        self.errors = self.errors or []
+        self.missing = self.missing or []
+        self.problems = self.problems or []
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _subtract(ranges: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out = []
+    for start, end in ranges:
+        pos = start
+        for hs, he in holes:
+            if he <= pos or hs >= end:
+                continue
+            if hs > pos:
+                out.append((pos, hs))
+            pos = max(pos, he)
+        if pos < end:
+            out.append((pos, end))
+    return out

@@ -1,0 +1,243 @@
+"""Writes a native image in one pass: chunks compressed in parallel, frames written in order.
+
+Memory stays bounded by the in-flight window (a few chunks per worker), whatever the RAM
+size. Nothing is ever sought back, so the output can be a pipe or a socket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+import uuid as uuidlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import zstandard
+
+from collector.image import format as fmt
+from collector.memory import Fate, FateRun
+
+
+class OutputError(OSError):
+    """Writing the image failed (disk full, broken pipe); what was written stays readable."""
+
+
+@dataclass
+class _Pending:
+    desc: fmt.Desc
+    compressed: Future[bytes]
+    hashed: Future[None]
+
+
+class ImageWriter:
+    """Stream an image to ``out``.
+
+    :param out: a binary file object opened for writing; only ``write`` and ``flush`` are used.
+    :param page_size: the page size fates are accounted in.
+    :param chunk_size: RAM bytes per chunk (chunks are aligned to physical addresses).
+    :param metadata: the header's JSON metadata (identity, plan, iomem...).
+    :param level: zstd compression level.
+    :param threads: compression workers (one compressor each).
+    """
+
+    def __init__(
+        self,
+        out: BinaryIO,
+        *,
+        page_size: int,
+        chunk_size: int,
+        metadata: dict,
+        level: int = 1,
+        threads: int | None = None,
+        capture_uuid: bytes | None = None,
+    ) -> None:
+        self.out = out
+        self.page_size = page_size
+        self.chunk_size = chunk_size
+        self.level = level
+        self.threads = max(1, threads or os.cpu_count() or 1)
+        self.uuid = capture_uuid or uuidlib.uuid4().bytes
+        self.position = 0
+        self.frames: list[tuple[int, int]] = []
+        self.index: list[fmt.IndexRow] = []
+        self.stream_hash = hashlib.sha256()
+        self.stream_bytes = 0
+        self.seq = 0
+        self.fate_pages: dict[str, int] = {f.label: 0 for f in Fate if f < Fate.MISSING}
+        self.unreadable_errnos: dict[int, int] = {}
+        self.broken: OutputError | None = None
+        self._t0 = time.monotonic_ns()
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zstd")
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        self._window: deque[_Pending] = deque()
+        self._zero_frames: dict[int, bytes] = {}
+        self._zeros = b""
+        self._write(fmt.Header(page_size, chunk_size, self.uuid, metadata).encode(), 0)
+
+    # -- low level -------------------------------------------------------------------------
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "c", None)
+        if c is None:
+            c = zstandard.ZstdCompressor(
+                level=self.level, write_checksum=True, write_content_size=True
+            )
+            self._local.c = c
+        return c
+
+    def _compress(self, data: bytes) -> bytes:
+        return self._compressor().compress(data)
+
+    def _write(self, frame: bytes, decompressed: int) -> int:
+        """Write one whole frame; returns its file offset."""
+        if self.broken:
+            raise self.broken
+        offset = self.position
+        self._write_all(frame)
+        self.position += len(frame)
+        self.frames.append((len(frame), decompressed))
+        return offset
+
+    def _write_all(self, data: bytes) -> None:
+        # Raw files and pipes may take part of a write (a disk filling up does this first).
+        view = memoryview(data)
+        try:
+            while view:
+                n = self.out.write(view)
+                view = view[len(view) if n is None else n :]
+        except OSError as e:
+            self.broken = OutputError(e.errno, e.strerror)
+            raise self.broken from e
+
+    # -- records -----------------------------------------------------------------------------
+
+    def add_blob(self, name: str, data: bytes) -> None:
+        """Write a metadata blob now (before the RAM, so an early cut keeps it)."""
+        blob = fmt.Blob(name, len(data), hashlib.sha256(data).digest(), self._compress(data))
+        frame = blob.encode()
+        offset = self._write(frame, 0)
+        self.index.append(fmt.IndexRow(fmt.INDEX_BLOB, 0, len(data), offset, len(frame), 0, 0, name))
+
+    def add_chunk(
+        self,
+        paddr: int,
+        data: bytes,
+        runs: list[FateRun],
+        range_start: int | None = None,
+        range_end: int | None = None,
+    ) -> None:
+        """Queue one chunk of RAM starting at ``paddr``.
+
+        :param data: the chunk's bytes; pages that were not read must already be zero.
+        :param runs: the pages whose fate is not READ (page indexes within the chunk).
+        :param range_start: when this chunk opens a range, the range's start and (exclusive)
+            end: a LiME header for the whole range leads the chunk's DATA frame.
+        """
+        flags = 0
+        payload = data
+        if range_start is not None and range_end is not None:
+            payload = fmt.lime_header(range_start, range_end) + data
+            flags |= fmt.DESC_FLAG_LIME_HEADER
+        self._account(paddr, len(data), runs)
+        desc = fmt.Desc(
+            self.seq, paddr, len(data), 0, flags, time.monotonic_ns() - self._t0, runs
+        )
+        self.seq += 1
+        if not flags and self._is_zero(payload):
+            frame = self._zero_frame(len(payload))
+            compressed: Future[bytes] = Future()
+            compressed.set_result(frame)
+        else:
+            compressed = self._pool.submit(self._compress, payload)
+        hashed = self._hasher.submit(self._hash, payload)
+        self._window.append(_Pending(desc, compressed, hashed))
+        while len(self._window) > 2 * self.threads:
+            self._drain_one()
+
+    def _is_zero(self, payload: bytes) -> bool:
+        if len(self._zeros) < len(payload):
+            self._zeros = bytes(len(payload))
+        return payload == self._zeros[: len(payload)]
+
+    def _zero_frame(self, size: int) -> bytes:
+        frame = self._zero_frames.get(size)
+        if frame is None:
+            frame = self._zero_frames[size] = self._compress(bytes(size))
+        return frame
+
+    def _hash(self, payload: bytes) -> None:
+        self.stream_hash.update(payload)
+        self.stream_bytes += len(payload)
+
+    def _account(self, paddr: int, size: int, runs: list[FateRun]) -> None:
+        pages = (paddr % self.page_size + size + self.page_size - 1) // self.page_size
+        not_read = 0
+        for r in runs:
+            self.fate_pages[r.fate.label] += r.count
+            not_read += r.count
+            if r.fate == Fate.UNREADABLE:
+                self.unreadable_errnos[r.errno] = self.unreadable_errnos.get(r.errno, 0) + r.count
+        self.fate_pages[Fate.READ.label] += pages - not_read
+
+    def _drain_one(self) -> None:
+        p = self._window.popleft()
+        frame = p.compressed.result()
+        p.hashed.result()
+        p.desc.data_size = len(frame)
+        desc_frame = p.desc.encode()
+        offset = self._write(desc_frame, 0)
+        self._write(frame, p.desc.ram_bytes + (32 if p.desc.has_lime_header else 0))
+        self.index.append(
+            fmt.IndexRow(
+                fmt.INDEX_CHUNK, p.desc.paddr, p.desc.ram_bytes, offset, len(desc_frame),
+                len(frame), p.desc.seq,
+            )
+        )
+
+    def flush(self) -> None:
+        """Write every queued chunk."""
+        while self._window:
+            self._drain_one()
+        try:
+            self.out.flush()
+        except OSError as e:
+            self.broken = OutputError(e.errno, e.strerror)
+            raise self.broken from e
+
+    def finish(self, end: dict, clean: bool = True) -> dict:
+        """Write the END, INDEX and seek-table records; returns the END record's JSON.
+
+        :param end: extra fields for the END record (end time, reason for stopping...).
+        :param clean: False when the capture was interrupted: the image is complete and
+            valid, but did not cover everything the plan asked for.
+        """
+        self.flush()
+        record = dict(end)
+        record.update(
+            {
+                "clean": clean,
+                "chunks": self.seq,
+                "stream_bytes": self.stream_bytes,
+                "stream_sha256": self.stream_hash.hexdigest(),
+                "pages": dict(self.fate_pages),
+                "unreadable_errnos": {str(k): v for k, v in sorted(self.unreadable_errnos.items())},
+            }
+        )
+        self._write(fmt.skippable(fmt.END, json.dumps(record, sort_keys=True).encode()), 0)
+        self._write(fmt.encode_index(self.index), 0)
+        table = fmt.encode_seek_table(self.frames)
+        self._write_all(table)
+        self.position += len(table)
+        self.flush()
+        self.close()
+        return record
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._hasher.shutdown(wait=True, cancel_futures=True)
