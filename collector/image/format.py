@@ -82,9 +82,13 @@ class Header:
         if magic != MAGIC:
             raise ImageError("not a collector image: header magic is wrong")
         if version != FORMAT_VERSION:
-            raise ImageError(f"image format version {version} is not supported (this is {FORMAT_VERSION})")
+            raise ImageError(
+                f"image format version {version} is not supported (this is {FORMAT_VERSION})"
+            )
         if page_size not in (4096, 8192, 16384, 65536) or not 0 < chunk_size <= MAX_CHUNK_SIZE:
-            raise ImageError(f"image header has impossible geometry: page {page_size}, chunk {chunk_size}")
+            raise ImageError(
+                f"image header has impossible geometry: page {page_size}, chunk {chunk_size}"
+            )
         try:
             metadata = json.loads(payload[_HEADER_FIXED.size :].decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -117,8 +121,13 @@ class Desc:
     def encode(self) -> bytes:
         parts = [
             _DESC_FIXED.pack(
-                self.seq, self.paddr, self.ram_bytes, self.data_size, self.flags,
-                self.time_ns, len(self.runs),
+                self.seq,
+                self.paddr,
+                self.ram_bytes,
+                self.data_size,
+                self.flags,
+                self.time_ns,
+                len(self.runs),
             )
         ]
         parts += [_RUN.pack(r.start, r.count, int(r.fate), r.errno) for r in self.runs]
@@ -130,7 +139,9 @@ class Desc:
             raise ImageError("chunk descriptor is truncated")
         seq, paddr, ram_bytes, data_size, flags, time_ns, nruns = _DESC_FIXED.unpack_from(payload)
         if ram_bytes > MAX_CHUNK_SIZE or nruns > MAX_RUNS_PER_CHUNK:
-            raise ImageError(f"chunk descriptor {seq} is impossible ({ram_bytes} bytes, {nruns} runs)")
+            raise ImageError(
+                f"chunk descriptor {seq} is impossible ({ram_bytes} bytes, {nruns} runs)"
+            )
         if len(payload) != _DESC_FIXED.size + nruns * _RUN.size:
             raise ImageError(f"chunk descriptor {seq} has the wrong length")
         runs = []
@@ -157,8 +168,10 @@ class Blob:
         name = self.name.encode()
         return skippable(
             BLOB,
-            _BLOB_FIXED.pack(len(name)) + name
-            + _BLOB_AFTER_NAME.pack(self.raw_length, self.sha256) + self.frame,
+            _BLOB_FIXED.pack(len(name))
+            + name
+            + _BLOB_AFTER_NAME.pack(self.raw_length, self.sha256)
+            + self.frame,
         )
 
     @classmethod
@@ -196,8 +209,11 @@ def encode_index(rows: list[IndexRow]) -> bytes:
     for r in rows:
         name = r.name.encode()
         parts.append(
-            _INDEX_ROW.pack(r.kind, r.paddr, r.ram_bytes, r.offset, r.frame_size, r.data_size, r.seq)
-            + struct.pack("<H", len(name)) + name
+            _INDEX_ROW.pack(
+                r.kind, r.paddr, r.ram_bytes, r.offset, r.frame_size, r.data_size, r.seq
+            )
+            + struct.pack("<H", len(name))
+            + name
         )
     return skippable(INDEX, b"".join(parts))
 

@@ -84,7 +84,7 @@ class NativeImage:
             self._scan()
         self.chunks.sort(key=lambda c: c.paddr)
         self._starts = [c.paddr for c in self.chunks]
-        self._planned = [tuple(r) for r in self.metadata.get("ranges", [])]
+        self._planned = _planned_ranges(self.metadata.get("ranges", []))
 
     # -- file access ---------------------------------------------------------------------------
 
@@ -108,7 +108,7 @@ class NativeImage:
         if self.size < 17:
             return False
         try:
-            count, table_size = fmt.decode_seek_footer(self._read_at(self.size - 9, 9))
+            _, table_size = fmt.decode_seek_footer(self._read_at(self.size - 9, 9))
             if table_size > self.size:
                 return False
             table_start = self.size - table_size
@@ -165,8 +165,15 @@ class NativeImage:
                     )
                     return
                 self.chunks.append(
-                    ChunkRef(desc.seq, desc.paddr, desc.ram_bytes, offset, frame_size,
-                             desc.data_size, desc)
+                    ChunkRef(
+                        desc.seq,
+                        desc.paddr,
+                        desc.ram_bytes,
+                        offset,
+                        frame_size,
+                        desc.data_size,
+                        desc,
+                    )
                 )
                 offset += frame_size + desc.data_size
                 continue
@@ -207,9 +214,13 @@ class NativeImage:
         try:
             data = self._dctx.decompress(frame, max_output_size=expected)
         except zstandard.ZstdError as e:
-            raise ImageError(f"{self.path}: chunk {chunk.seq} at {chunk.paddr:#x} is corrupt: {e}") from None
+            raise ImageError(
+                f"{self.path}: chunk {chunk.seq} at {chunk.paddr:#x} is corrupt: {e}"
+            ) from None
         if len(data) != expected:
-            raise ImageError(f"{self.path}: chunk {chunk.seq} at {chunk.paddr:#x} has the wrong size")
+            raise ImageError(
+                f"{self.path}: chunk {chunk.seq} at {chunk.paddr:#x} has the wrong size"
+            )
         if desc.has_lime_header:
             data = data[fmt.LIME_HEADER.size :]
         self._cache[chunk.seq] = data
@@ -234,9 +245,7 @@ class NativeImage:
 
     def ranges(self) -> list[tuple[int, int]]:
         """The planned ranges (the LiME ranges); pages of them absent from a cut image are MISSING."""
-        if self._planned:
-            return [(int(s), int(e)) for s, e in self._planned]
-        return self.captured_ranges()
+        return list(self._planned) if self._planned else self.captured_ranges()
 
     def captured_ranges(self) -> list[tuple[int, int]]:
         """The ranges the image's chunks really hold, adjacent chunks merged."""
@@ -336,7 +345,9 @@ class NativeImage:
                 if offset + frame_size + desc.data_size > self.size:
                     break
                 if desc.seq != expected_seq:
-                    report.errors.append(f"chunk {desc.seq} found where chunk {expected_seq} belongs")
+                    report.errors.append(
+                        f"chunk {desc.seq} found where chunk {expected_seq} belongs"
+                    )
                 expected_seq = desc.seq + 1
                 frame = self._read_at(offset + frame_size, desc.data_size)
                 expected = desc.ram_bytes + (32 if desc.has_lime_header else 0)
@@ -398,6 +409,17 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.errors
+
+
+def _planned_ranges(value: object) -> list[tuple[int, int]]:
+    """The header's planned ranges, checked: the header is as untrusted as the rest."""
+    ok = isinstance(value, list) and all(
+        isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r) and 0 <= r[0] < r[1]
+        for r in value
+    )
+    if not ok:
+        raise ImageError("image header lists its ranges wrongly")
+    return sorted((r[0], r[1]) for r in value)
 
 
 def _subtract(ranges: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:

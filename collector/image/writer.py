@@ -122,7 +122,9 @@ class ImageWriter:
         blob = fmt.Blob(name, len(data), hashlib.sha256(data).digest(), self._compress(data))
         frame = blob.encode()
         offset = self._write(frame, 0)
-        self.index.append(fmt.IndexRow(fmt.INDEX_BLOB, 0, len(data), offset, len(frame), 0, 0, name))
+        self.index.append(
+            fmt.IndexRow(fmt.INDEX_BLOB, 0, len(data), offset, len(frame), 0, 0, name)
+        )
 
     def add_chunk(
         self,
@@ -145,9 +147,7 @@ class ImageWriter:
             payload = fmt.lime_header(range_start, range_end) + data
             flags |= fmt.DESC_FLAG_LIME_HEADER
         self._account(paddr, len(data), runs)
-        desc = fmt.Desc(
-            self.seq, paddr, len(data), 0, flags, time.monotonic_ns() - self._t0, runs
-        )
+        desc = fmt.Desc(self.seq, paddr, len(data), 0, flags, time.monotonic_ns() - self._t0, runs)
         self.seq += 1
         if not flags and self._is_zero(payload):
             frame = self._zero_frame(len(payload))
@@ -195,8 +195,13 @@ class ImageWriter:
         self._write(frame, p.desc.ram_bytes + (32 if p.desc.has_lime_header else 0))
         self.index.append(
             fmt.IndexRow(
-                fmt.INDEX_CHUNK, p.desc.paddr, p.desc.ram_bytes, offset, len(desc_frame),
-                len(frame), p.desc.seq,
+                fmt.INDEX_CHUNK,
+                p.desc.paddr,
+                p.desc.ram_bytes,
+                offset,
+                len(desc_frame),
+                len(frame),
+                p.desc.seq,
             )
         )
 

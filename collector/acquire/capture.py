@@ -1,0 +1,194 @@
+"""The capture loop: walk the plan chunk by chunk, read each page once, account for all of it.
+
+Reads are large (a whole chunk from one source at a time). When a large read fails, that
+part is retried page by page so one bad page costs one page, and its errno is recorded.
+Pages the tool did not read are zero in the stream and carry their fate in the DESC record.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from collector.image.writer import ImageWriter
+from collector.memory import Fate, FateRun
+
+
+class Reader:
+    """What the capture loop needs of a source: exactly ``size`` bytes, or OSError."""
+
+    def read(self, paddr: int, size: int) -> bytes: ...
+
+
+@dataclass
+class Progress:
+    """Running totals, handed to the progress callback after every chunk."""
+
+    total_bytes: int
+    done_bytes: int = 0
+    unreadable_pages: int = 0
+    chunks: int = 0
+
+
+@dataclass
+class CaptureResult:
+    """How the loop ended: ``stopped_by`` is None when every planned range was written."""
+
+    progress: Progress
+    stopped_by: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+def chunk_bounds(start: int, end: int, chunk_size: int) -> list[tuple[int, int]]:
+    """Split ``[start, end)`` at multiples of ``chunk_size`` (chunks align to physical addresses)."""
+    out = []
+    pos = start
+    while pos < end:
+        stop = min(end, (pos // chunk_size + 1) * chunk_size)
+        out.append((pos, stop))
+        pos = stop
+    return out
+
+
+class _Fates:
+    """Per-page fates of one chunk, folded into runs at the end."""
+
+    def __init__(self, paddr: int, size: int, page_size: int) -> None:
+        self.first_page = paddr // page_size
+        self.page_size = page_size
+        self.pages: dict[int, tuple[Fate, int]] = {}
+
+    def mark(self, start: int, end: int, fate: Fate, errno: int = 0) -> None:
+        for page in range(start // self.page_size, (end - 1) // self.page_size + 1):
+            # A page shared by two plan entries is only as good as its worst part.
+            self.pages.setdefault(page - self.first_page, (fate, errno))
+
+    def runs(self) -> list[FateRun]:
+        runs: list[FateRun] = []
+        for index in sorted(self.pages):
+            fate, errno = self.pages[index]
+            last = runs[-1] if runs else None
+            if last and last.start + last.count == index and (last.fate, last.errno) == (fate, errno):
+                runs[-1] = FateRun(last.start, last.count + 1, fate, errno)
+            else:
+                runs.append(FateRun(index, 1, fate, errno))
+        return runs
+
+
+def read_chunk(
+    paddr: int,
+    end: int,
+    entries: list,
+    sources: Mapping[str, Reader],
+    page_size: int,
+) -> tuple[bytes, list[FateRun]]:
+    """Read ``[paddr, end)`` following the plan entries that cover it.
+
+    :param entries: plan entries (``start``, ``end``, ``source``, ``fate``, ``kernel_zero``)
+        overlapping the chunk, in address order.
+    :returns: the chunk's bytes (zero wherever a page was not read) and its fate runs.
+    """
+    buf = bytearray(end - paddr)
+    fates = _Fates(paddr, end - paddr, page_size)
+    covered = paddr
+    for entry in entries:
+        start, stop = max(paddr, entry.start), min(end, entry.end)
+        if start >= stop:
+            continue
+        if start > covered:
+            fates.mark(covered, start, Fate.NOT_COVERED)
+        covered = stop
+        if entry.source is None:
+            fates.mark(start, stop, entry.fate)
+            continue
+        source = sources[entry.source]
+        try:
+            buf[start - paddr : stop - paddr] = source.read(start, stop - start)
+            pieces = [(start, stop)]
+        except OSError:
+            pieces = _read_pages(source, start, stop, buf, paddr, fates, page_size)
+        if entry.kernel_zero:
+            for p_start, p_stop in pieces:
+                _mark_kernel_zero(buf, paddr, p_start, p_stop, fates, page_size)
+    if covered < end:
+        fates.mark(covered, end, Fate.NOT_COVERED)
+    runs = fates.runs()
+    for run in runs:  # never let bytes of a page we do not vouch for into the stream
+        lo = max(paddr, (fates.first_page + run.start) * page_size)
+        hi = min(end, (fates.first_page + run.start + run.count) * page_size)
+        buf[lo - paddr : hi - paddr] = bytes(hi - lo)
+    return bytes(buf), runs
+
+
+def _read_pages(
+    source: Reader,
+    start: int,
+    stop: int,
+    buf: bytearray,
+    paddr: int,
+    fates: _Fates,
+    page_size: int,
+) -> list[tuple[int, int]]:
+    """Page-by-page fallback after a large read failed; returns the pieces that were read."""
+    good = []
+    pos = start
+    while pos < stop:
+        nxt = min(stop, (pos // page_size + 1) * page_size)
+        try:
+            buf[pos - paddr : nxt - paddr] = source.read(pos, nxt - pos)
+            good.append((pos, nxt))
+        except OSError as e:
+            fates.mark(pos, nxt, Fate.UNREADABLE, e.errno or 0)
+        pos = nxt
+    return good
+
+
+def _mark_kernel_zero(
+    buf: bytearray, paddr: int, start: int, stop: int, fates: _Fates, page_size: int
+) -> None:
+    """Zero pages from a source known to fabricate them are the kernel's, not RAM's."""
+    pos = start
+    while pos < stop:
+        nxt = min(stop, (pos // page_size + 1) * page_size)
+        if not any(buf[pos - paddr : nxt - paddr]):
+            fates.mark(pos, nxt, Fate.KERNEL_ZERO)
+        pos = nxt
+
+
+def run_capture(
+    plan,
+    sources: Mapping[str, Reader],
+    writer: ImageWriter,
+    *,
+    stop: threading.Event | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> CaptureResult:
+    """Capture every range of ``plan`` into ``writer``; stops early when ``stop`` is set.
+
+    :param plan: the plan (``ram_ranges`` and ``entries``, see :mod:`collector.acquire.plan`).
+    :param sources: open sources by name.
+    :param writer: the image writer; the caller finishes it.
+    :param stop: set by a signal handler: the current chunk is completed, then the loop ends.
+    """
+    ranges = [(r.start, r.end) for r in plan.ram_ranges]
+    progress = Progress(total_bytes=sum(e - s for s, e in ranges))
+    result = CaptureResult(progress)
+    entries = sorted(plan.entries, key=lambda e: e.start)
+    for start, end in ranges:
+        for i, (c_start, c_end) in enumerate(chunk_bounds(start, end, writer.chunk_size)):
+            if stop is not None and stop.is_set():
+                result.stopped_by = getattr(stop, "reason", "interrupted")
+                return result
+            overlapping = [e for e in entries if e.start < c_end and e.end > c_start]
+            data, runs = read_chunk(c_start, c_end, overlapping, sources, writer.page_size)
+            if i == 0:
+                writer.add_chunk(c_start, data, runs, start, end)
+            else:
+                writer.add_chunk(c_start, data, runs)
+            progress.done_bytes += c_end - c_start
+            progress.chunks += 1
+            progress.unreadable_pages += sum(r.count for r in runs if r.fate == Fate.UNREADABLE)
+            if on_progress is not None:
+                on_progress(progress)
+    return result

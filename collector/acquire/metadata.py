@@ -1,0 +1,109 @@
+"""Gather what offline analysis needs (VMCOREINFO, BTF, kallsyms...) before any RAM is read.
+
+Every item is optional: one that cannot be read is recorded as missing with the reason, and
+the capture goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from collector.sysroot import Sysroot
+
+#: Blobs read from files: image name -> live path.
+FILE_BLOBS = {
+    "btf": "/sys/kernel/btf/vmlinux",
+    "kallsyms": "/proc/kallsyms",
+    "modules": "/proc/modules",
+    "meminfo": "/proc/meminfo",
+    "cpuinfo": "/proc/cpuinfo",
+    "iomem": "/proc/iomem",
+}
+
+_NOTE = struct.Struct("<III")
+
+
+@dataclass
+class Gathered:
+    """Blobs to write and the reasons for those that are missing."""
+
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+
+    def add_file(self, sysroot: Sysroot, name: str, path: str) -> None:
+        try:
+            data = sysroot.read_bytes(path)
+        except OSError as e:
+            self.missing[name] = f"{path}: {e.strerror or e}"
+            return
+        if not data:
+            self.missing[name] = f"{path} is empty"
+            return
+        self.blobs[name] = data
+
+
+def parse_vmcoreinfo_note(note: bytes) -> bytes | None:
+    """The text of an ELF note named ``VMCOREINFO``, or None if ``note`` is not one."""
+    if len(note) < _NOTE.size:
+        return None
+    namesz, descsz, _ = _NOTE.unpack_from(note)
+    name_end = _NOTE.size + namesz
+    desc_start = _NOTE.size + (namesz + 3) // 4 * 4
+    if note[_NOTE.size : name_end].rstrip(b"\0") != b"VMCOREINFO":
+        return None
+    if desc_start + descsz > len(note):
+        return None
+    return note[desc_start : desc_start + descsz]
+
+
+def vmcoreinfo_location(sysroot: Sysroot) -> tuple[int, int] | None:
+    """``/sys/kernel/vmcoreinfo``: the physical address and size of the VMCOREINFO note."""
+    try:
+        addr, size = sysroot.read_text("/sys/kernel/vmcoreinfo").split()[:2]
+        return int(addr, 16), int(size, 0)
+    except (OSError, ValueError):
+        return None
+
+
+def gather(
+    sysroot: Sysroot,
+    kcore_vmcoreinfo: bytes | None,
+    kcore_phdrs: bytes | None,
+    read_phys: Callable[[int, int], bytes] | None,
+) -> Gathered:
+    """Collect every blob the image carries.
+
+    :param kcore_vmcoreinfo: VMCOREINFO text from /proc/kcore's note, when kcore was opened.
+    :param kcore_phdrs: /proc/kcore's ELF and program headers, when kcore was opened.
+    :param read_phys: reads physical memory through the plan's sources, for VMCOREINFO when
+        kcore does not carry it.
+    """
+    out = Gathered()
+    for name, path in FILE_BLOBS.items():
+        out.add_file(sysroot, name, path)
+    if kcore_phdrs:
+        out.blobs["kcore-phdrs"] = kcore_phdrs
+    else:
+        out.missing["kcore-phdrs"] = "/proc/kcore was not opened"
+    if kcore_vmcoreinfo:
+        out.blobs["vmcoreinfo"] = kcore_vmcoreinfo
+        return out
+    where = vmcoreinfo_location(sysroot)
+    if where is None:
+        out.missing["vmcoreinfo"] = "not in /proc/kcore, and /sys/kernel/vmcoreinfo is unreadable"
+    elif read_phys is None:
+        out.missing["vmcoreinfo"] = "not in /proc/kcore, and no source reads its physical address"
+    else:
+        try:
+            text = parse_vmcoreinfo_note(read_phys(*where))
+        except OSError as e:
+            out.missing["vmcoreinfo"] = f"reading it at {where[0]:#x} failed: {os.strerror(e.errno or 0)}"
+        else:
+            if text:
+                out.blobs["vmcoreinfo"] = text
+            else:
+                out.missing["vmcoreinfo"] = f"no VMCOREINFO note at {where[0]:#x}"
+    return out

@@ -1,0 +1,461 @@
+"""The `collect` command: argument parsing and output only; the work happens in the core."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import collector
+from collector.errors import CollectorError
+
+CAPTURE_EPILOG = """\
+commands (collect COMMAND --help for each):
+  plan        print the per-range plan (range, size, source, reason) without reading RAM
+  info        identity, plan, ranges, page fates, hashes and blobs of an image
+  verify      check every frame checksum and the whole-stream SHA-256 of an image
+  export      convert an image to LiME, a raw padded file or an ELF core
+  translate   walk the page tables of an image for a virtual address (or a struct page)
+  analyze     run an analysis plugin on an image
+  plugins     list analysis plugins
+  profiles    list architecture profiles
+
+examples:
+  collect --profile x86_64                      capture all RAM to <host>-<time>.lime.zst
+  collect --profile x86_64 -o - | ssh box 'cat > mem.lime.zst'
+  collect plan --profile x86_64                 what would be read, from where, and why
+  zstd -dc IMAGE > mem.lime                     a LiME file for Volatility 3
+  zstd -dc IMAGE | sha256sum                    compare with `collect info IMAGE`
+
+exit status: 0 done, 1 error, 2 usage, 130/143 interrupted by SIGINT/SIGTERM (the image
+is complete up to the last chunk and says so).
+"""
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    try:
+        if text[-1:].lower() in units:
+            return int(text[:-1], 0) * units[text[-1].lower()]
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def _range(text: str):
+    from collector.acquire.iomem import parse_range
+
+    try:
+        return parse_range(text)
+    except CollectorError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--profile",
+        required=True,
+        help="architecture profile of this machine (see `collect profiles`); checked against it",
+    )
+    p.add_argument(
+        "--source",
+        choices=["/dev/mem", "/proc/kcore", "/dev/crash", "mem", "kcore", "crash"],
+        help="read every range from this source only (default: chosen per range by probing)",
+    )
+    p.add_argument(
+        "--include",
+        action="append",
+        type=_range,
+        default=[],
+        metavar="RANGE",
+        help="also capture RANGE (START-END inclusive, or START+SIZE); may repeat. Only named "
+        "ranges outside System RAM are ever read",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        type=_range,
+        default=[],
+        metavar="RANGE",
+        help="do not read RANGE; its pages are recorded as excluded; may repeat",
+    )
+    p.add_argument(
+        "--sysroot",
+        default="/",
+        metavar="DIR",
+        help="resolve /proc, /sys and /dev under DIR (for tests and replays; no root needed)",
+    )
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary")
+
+
+def capture_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="collect",
+        description="Capture the physical memory of this Linux machine into one compressed, "
+        "self-describing image (zstd frames holding a LiME stream plus metadata), without a "
+        "kernel module. Only System RAM is read, through pread() on /dev/mem, /proc/kcore or "
+        "/dev/crash as the kernel allows; every page's fate is recorded.",
+        epilog=CAPTURE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"collect {collector.__version__}")
+    _add_plan_options(p)
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="image file, or - for stdout (default: <hostname>-<UTC time>.lime.zst); created "
+        "0600, never overwritten without --force, never through a symlink",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and read no RAM")
+    p.add_argument("--level", type=int, default=1, help="zstd level (default 1: fastest)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="compression threads (default: all cores)"
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=_size,
+        default=4 << 20,
+        help="RAM per compressed chunk, 1M-4M (default 4M)",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar even on a terminal"
+    )
+    return p
+
+
+# -- capture ----------------------------------------------------------------------------------
+
+
+class ProgressBar:
+    """One line on stderr: bytes, rate, ETA and unreadable pages so far."""
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.stream = stream
+        self.t0 = time.monotonic()
+        self.last = 0.0
+
+    def __call__(self, p) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.2 and p.done_bytes < p.total_bytes:
+            return
+        self.last = now
+        elapsed = max(now - self.t0, 1e-6)
+        rate = p.done_bytes / elapsed
+        eta = (p.total_bytes - p.done_bytes) / rate if rate else 0
+        pct = 100 * p.done_bytes / p.total_bytes if p.total_bytes else 100
+        self.stream.write(
+            f"\r{pct:5.1f}% {_human(p.done_bytes)}/{_human(p.total_bytes)} "
+            f"{_human(rate)}/s ETA {eta:4.0f}s unreadable pages {p.unreadable_pages}  "
+        )
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _check_profile(name: str, sysroot: str) -> None:
+    import profiles
+    from collector.acquire import host
+    from collector.sysroot import Sysroot
+
+    profile = profiles.get(name)
+    root = Sysroot(sysroot)
+    profile.check_machine(host.machine(root), host.cpu_flags(root), host.live_vmcoreinfo(root))
+
+
+def cmd_capture(args: argparse.Namespace, argv: list[str]) -> int:
+    from collector.acquire import session
+
+    _check_profile(args.profile, args.sysroot)
+    options = session.CaptureOptions(
+        profile=args.profile,
+        output=args.output,
+        sysroot=args.sysroot,
+        source=args.source,
+        include=args.include,
+        exclude=args.exclude,
+        level=args.level,
+        threads=args.threads,
+        chunk_size=args.chunk_size,
+        force=args.force,
+        command_line=["collect", *argv],
+    )
+    if not (1 << 12) <= options.chunk_size <= (64 << 20) or options.chunk_size % 4096:
+        raise CollectorError("--chunk-size must be a multiple of 4 KiB between 4K and 64M", 2)
+    if args.dry_run:
+        return _print_plan(session.build_plan(options)[0], args.json)
+    bar = None
+    if not args.no_progress and not args.json and sys.stderr.isatty():
+        bar = ProgressBar()
+    try:
+        summary, status = session.run(options, bar)
+    finally:
+        if bar:
+            bar.close()
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        _print_summary(summary)
+    return status
+
+
+def _print_plan(the_plan, as_json: bool) -> int:
+    doc = the_plan.to_json()
+    if as_json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    print(f"lockdown: {doc.get('lockdown')}   strict /dev/mem: {doc.get('strict_devmem')}")
+    for name, state in doc.get("sources", {}).items():
+        print(f"source {name}: {state}")
+    print(f"{'range':<37} {'size':>10}  {'source':<12} reason")
+    for e in doc["entries"]:
+        rng = f"{e['start']:#018x}-{e['end'] - 1:#018x}"
+        src = e["source"] or f"({e['fate']})"
+        print(f"{rng:<37} {_human(e['end'] - e['start']):>10}  {src:<12} {e['reason']}")
+    return 0
+
+
+def _print_summary(s: dict) -> None:
+    pages = s.get("pages", {})
+    state = "complete" if s.get("clean") else f"INCOMPLETE ({s.get('stopped_by')})"
+    print(f"image: {s['output']} ({state})")
+    print(f"chunks: {s.get('chunks')}  stream: {_human(s.get('stream_bytes', 0))}")
+    print("pages: " + ", ".join(f"{k} {v}" for k, v in pages.items()))
+    if s.get("unreadable_errnos"):
+        errs = ", ".join(
+            f"{os.strerror(int(k))} x{v}" for k, v in s["unreadable_errnos"].items()
+        )
+        print(f"unreadable: {errs}")
+    if s.get("missing_metadata"):
+        for k, v in s["missing_metadata"].items():
+            print(f"metadata missing: {k}: {v}")
+    print(f"sha256 of `zstd -dc`: {s.get('stream_sha256')}")
+
+
+# -- image commands -----------------------------------------------------------------------------
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from collector.acquire import session
+
+    _check_profile(args.profile, args.sysroot)
+    options = session.CaptureOptions(
+        profile=args.profile,
+        sysroot=args.sysroot,
+        source=args.source,
+        include=args.include,
+        exclude=args.exclude,
+    )
+    return _print_plan(session.build_plan(options)[0], args.json)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from collector.image.info import image_info
+
+    info = image_info(args.image)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True, default=str))
+        return 0
+    from collector.image.info import format_info
+
+    print(format_info(info))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from collector.image.reader import NativeImage
+
+    with NativeImage(args.image) as img:
+        report = img.verify()
+    status = 1 if report.errors else (0 if report.complete else 3)
+    doc = {
+        "image": args.image,
+        "status": {0: "intact", 1: "damaged", 3: "truncated"}[status],
+        "chunks": report.chunks,
+        "stream_bytes": report.stream_bytes,
+        "stream_sha256": report.stream_sha256,
+        "blobs": report.blobs,
+        "errors": report.errors,
+        "problems": report.problems,
+        "missing": [[s, e] for s, e in report.missing],
+    }
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return status
+    print(f"{args.image}: {doc['status']}: {report.chunks} chunks, {report.stream_bytes} bytes")
+    print(f"stream sha256: {report.stream_sha256}")
+    for e in report.errors:
+        print(f"error: {e}")
+    for p in report.problems:
+        print(f"cut short: {p}")
+    for s, e in report.missing:
+        print(f"missing: {s:#x}-{e - 1:#x} ({_human(e - s)})")
+    return status
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    import profiles
+
+    rows = [{"name": p.name, "description": p.description} for p in profiles.available()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['name']:<10} {r['description']}")
+    return 0
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    from collector.image.open import open_image
+    from collector.kernel.kernel import Kernel
+
+    memory = open_image(args.image)
+    try:
+        kernel = Kernel(memory)
+        if args.pfn is not None:
+            vaddr = kernel.pfn_to_page(args.pfn)
+            print(f"struct page for pfn {args.pfn:#x}: virtual {vaddr:#x}")
+        elif args.address is None:
+            raise CollectorError("give an ADDRESS or --pfn N", 2)
+        else:
+            vaddr = _address(kernel, args.address)
+        t = kernel.translate(vaddr)
+        if args.json:
+            print(json.dumps(t.to_json(), indent=2))
+            return 0
+        for step in t.steps:
+            print(step.describe())
+        print(f"{vaddr:#x} -> physical {t.paddr:#x} ({_human(t.page_size)} page)")
+    finally:
+        memory.close()
+    return 0
+
+
+def _address(kernel, text: str) -> int:
+    try:
+        return int(text, 16) if text.lower().startswith("0x") else int(text, 0)
+    except ValueError:
+        return kernel.symbol(text)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from collector.image import export
+    from collector.image.open import open_image
+    from collector.acquire.session import open_output
+
+    memory = open_image(args.image)
+    try:
+        if args.to == "raw":
+            summary = export.export_raw(memory, args.output)
+        else:
+            with open_output(args.output, args.force) as out:
+                if args.to == "lime":
+                    summary = export.export_lime(memory, out)
+                else:
+                    summary = export.export_elf(
+                        memory, out, memory.blob("vmcoreinfo"), _page_offset(memory)
+                    )
+    finally:
+        memory.close()
+    print(json.dumps(summary, indent=2, default=str) if args.json else _export_line(summary))
+    return 0
+
+
+def _page_offset(memory) -> int | None:
+    try:
+        from collector.kernel.kernel import Kernel
+
+        return Kernel(memory).layout.page_offset_base
+    except CollectorError:
+        return None
+
+
+def _export_line(summary) -> str:
+    return "; ".join(f"{k}: {v}" for k, v in (summary or {}).items())
+
+
+# -- dispatch -------------------------------------------------------------------------------
+
+
+def command_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
+    top = argparse.ArgumentParser(prog="collect")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("plan", help="print the per-range plan without reading RAM")
+    _add_plan_options(p)
+    p.set_defaults(handler=cmd_plan)
+
+    p = sub.add_parser("info", help="describe an image")
+    p.add_argument("image")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_info)
+
+    p = sub.add_parser(
+        "verify",
+        help="check an image: exit 0 intact, 1 damaged, 3 truncated (intact up to the cut)",
+    )
+    p.add_argument("image")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_verify)
+
+    p = sub.add_parser("profiles", help="list architecture profiles")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_profiles)
+
+    p = sub.add_parser(
+        "translate",
+        help="walk the page tables for a virtual address (hex, or a kernel symbol name)",
+    )
+    p.add_argument("image")
+    p.add_argument("address", nargs="?")
+    p.add_argument("--pfn", type=lambda s: int(s, 0), help="translate the struct page of PFN N")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_translate)
+
+    p = sub.add_parser("export", help="convert an image to LiME, raw (padded) or ELF core")
+    p.add_argument("image")
+    p.add_argument("--to", choices=["lime", "raw", "elf"], required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_export)
+
+    from collector import cli_analysis
+
+    cli_analysis.register(sub)
+    return top, {name: parser for name, parser in sub.choices.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        top, commands = command_parser()
+        if argv and argv[0] in commands:
+            args = top.parse_args(argv)
+            return args.handler(args)
+        args = capture_parser().parse_args(argv)
+        return cmd_capture(args, argv)
+    except CollectorError as e:
+        print(f"collect: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("collect: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
