@@ -122,9 +122,7 @@ def capture_parser() -> argparse.ArgumentParser:
         default=4 << 20,
         help="RAM per compressed chunk, 1M-4M (default 4M)",
     )
-    p.add_argument(
-        "--no-progress", action="store_true", help="no progress bar even on a terminal"
-    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     return p
 
 
@@ -235,9 +233,7 @@ def _print_summary(s: dict) -> None:
     print(f"chunks: {s.get('chunks')}  stream: {_human(s.get('stream_bytes', 0))}")
     print("pages: " + ", ".join(f"{k} {v}" for k, v in pages.items()))
     if s.get("unreadable_errnos"):
-        errs = ", ".join(
-            f"{os.strerror(int(k))} x{v}" for k, v in s["unreadable_errnos"].items()
-        )
+        errs = ", ".join(f"{os.strerror(int(k))} x{v}" for k, v in s["unreadable_errnos"].items())
         print(f"unreadable: {errs}")
     if s.get("missing_metadata"):
         for k, v in s["missing_metadata"].items():
@@ -352,9 +348,9 @@ def _address(kernel, text: str) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from collector.acquire.session import open_output
     from collector.image import export
     from collector.image.open import open_image
-    from collector.acquire.session import open_output
 
     memory = open_image(args.image)
     try:

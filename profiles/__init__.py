@@ -1,0 +1,35 @@
+"""Per-architecture profiles: paging, address-space layout and the live-machine check.
+
+A profile is a module exposing ``PROFILE`` with ``name``, ``description``,
+``check_machine(uname_machine, cpu_flags, vmcoreinfo)``, ``Paging`` and ``Layout``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from collector.errors import CollectorError
+
+# Profile name -> module; modules are imported only when asked for.
+_PROFILES = {
+    "x86_64": "profiles.x86_64",
+}
+
+
+def available() -> list[str]:
+    """The names of every built-in profile, sorted."""
+    return sorted(_PROFILES)
+
+
+def get(name: str) -> Any:
+    """Return the profile called ``name``.
+
+    :raises CollectorError: no such profile; the message lists the available ones.
+    """
+    module = _PROFILES.get(name)
+    if module is None:
+        raise CollectorError(
+            f"unknown profile {name!r}; available: {', '.join(available())}", exit_code=2
+        )
+    return importlib.import_module(module).PROFILE

@@ -69,7 +69,11 @@ class _Fates:
         for index in sorted(self.pages):
             fate, errno = self.pages[index]
             last = runs[-1] if runs else None
-            if last and last.start + last.count == index and (last.fate, last.errno) == (fate, errno):
+            if (
+                last
+                and last.start + last.count == index
+                and (last.fate, last.errno) == (fate, errno)
+            ):
                 runs[-1] = FateRun(last.start, last.count + 1, fate, errno)
             else:
                 runs.append(FateRun(index, 1, fate, errno))

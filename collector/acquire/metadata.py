@@ -100,7 +100,9 @@ def gather(
         try:
             text = parse_vmcoreinfo_note(read_phys(*where))
         except OSError as e:
-            out.missing["vmcoreinfo"] = f"reading it at {where[0]:#x} failed: {os.strerror(e.errno or 0)}"
+            out.missing["vmcoreinfo"] = (
+                f"reading it at {where[0]:#x} failed: {os.strerror(e.errno or 0)}"
+            )
         else:
             if text:
                 out.blobs["vmcoreinfo"] = text

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import collector
-from collector.acquire import capture, host, iomem, metadata, plan as planning, sources
+from collector.acquire import capture, host, iomem, metadata, sources
+from collector.acquire import plan as planning
 from collector.errors import CollectorError
 from collector.image import format as fmt
 from collector.image.writer import ImageWriter, OutputError

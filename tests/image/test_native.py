@@ -3,6 +3,7 @@ that do not use the reader (the zstd CLI, hand-parsed LiME headers, the seekable
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -108,7 +109,9 @@ def test_seek_table_follows_the_seekable_format(image):
     table_size = 8 + count * 8 + 9
     frame_magic, length = struct.unpack_from("<II", data, len(data) - table_size)
     assert (frame_magic, length) == (0x184D2A5E, table_size - 8)
-    entries = [struct.unpack_from("<II", data, len(data) - table_size + 8 + 8 * i) for i in range(count)]
+    entries = [
+        struct.unpack_from("<II", data, len(data) - table_size + 8 + 8 * i) for i in range(count)
+    ]
     assert sum(c for c, _ in entries) == len(data) - table_size
     # Walking the file by the table's compressed sizes lands on every frame start.
     offset, total = 0, 0
@@ -116,7 +119,9 @@ def test_seek_table_follows_the_seekable_format(image):
         magic = struct.unpack_from("<I", data, offset)[0]
         if decomp:
             assert magic == 0xFD2FB528
-            assert len(zstandard.ZstdDecompressor().decompress(data[offset : offset + comp])) == decomp
+            assert (
+                len(zstandard.ZstdDecompressor().decompress(data[offset : offset + comp])) == decomp
+            )
         else:
             assert magic & 0xFFFFFFF0 == 0x184D2A50
         offset += comp
@@ -258,7 +263,9 @@ def test_memory_window_is_bounded():
     assert out.peak <= 4
 
 
-@settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.data())
 def test_damaged_images_never_crash(tmp_path, data):
     ram = {0x100000: random.Random(3).randbytes(3 * CHUNK)}
@@ -278,8 +285,6 @@ def test_damaged_images_never_crash(tmp_path, data):
         return
     with img:
         for start, end in img.ranges()[:4]:
-            try:
+            with contextlib.suppress(ImageError, PageNotCaptured):
                 img.read(start, min(end - start, 3 * CHUNK))
-            except (ImageError, PageNotCaptured):
-                pass
         img.verify()
