@@ -1,0 +1,227 @@
+"""Exports to LiME, padded raw and ELF core, checked byte by byte and read back."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import struct
+
+import pytest
+
+from collector.errors import CollectorError
+from collector.image.elfcore import ElfCore
+from collector.image.export import ExportSummary, export_elf, export_lime, export_raw
+from collector.image.lime import LimeImage
+from collector.image.sparse import SparseMemory
+from collector.memory import Fate, PageFate
+
+
+def pattern(n: int, seed: int) -> bytes:
+    return bytes((i * 29 + seed) % 253 + 1 for i in range(n))  # never zero
+
+
+P1 = pattern(0x3000, 1)  # 0x1000-0x3fff; page 0x2000 unreadable
+P2 = pattern(0x1800, 2)  # 0x10000-0x117ff, not a page multiple
+P3 = pattern(0x2000, 3)  # 0x100000-0x101fff; page 0x101000 excluded
+FATES = {0x2000: PageFate(Fate.UNREADABLE, errno.EIO), 0x101000: PageFate(Fate.EXCLUDED)}
+VMCOREINFO = b"OSRELEASE=6.1.0-56-amd64\nPAGESIZE=4096\n"
+BASE = 0xFFFF888000000000
+
+
+def memory() -> SparseMemory:
+    return SparseMemory({0x1000: P1, 0x10000: P2, 0x100000: P3}, fates=FATES)
+
+
+def zeroed(data: bytes, start: int, end: int) -> bytes:
+    return data[:start] + bytes(end - start) + data[end:]
+
+
+# What each range must hold once exported: the pages the memory lacks become zeros.
+E1 = zeroed(P1, 0x1000, 0x2000)
+E3 = zeroed(P3, 0x1000, 0x2000)
+EXPECTED = {0x1000: E1, 0x10000: P2, 0x100000: E3}
+
+
+def lime_header(start: int, end: int) -> bytes:
+    return struct.pack("<IIQQ", 0x4C694D45, 1, start, end) + bytes(8)
+
+
+def check_summary(summary: ExportSummary) -> None:
+    assert summary.ranges == 3
+    assert summary.bytes == 0x3000 + 0x1800 + 0x2000
+    assert summary.zero_filled == {Fate.UNREADABLE: 1, Fate.EXCLUDED: 1}
+    assert summary.zero_bytes == 0x2000
+    assert summary.pages_not_captured == 2
+    assert summary.warning() == (
+        "2 pages were not captured and written as zeros (1 unreadable, 1 excluded)"
+    )
+
+
+class CountingMemory(SparseMemory):
+    """Records the largest read, to show that exports stream in bounded chunks."""
+
+    largest = 0
+
+    def read(self, paddr: int, size: int) -> bytes:
+        self.largest = max(self.largest, size)
+        return super().read(paddr, size)
+
+
+@pytest.mark.parametrize("chunk", [0x1000, 0x1800, 0x3000, 1 << 20])
+def test_export_lime_bytes(chunk):
+    mem = CountingMemory({0x1000: P1, 0x10000: P2, 0x100000: P3}, fates=FATES)
+    out = io.BytesIO()
+    summary = export_lime(mem, out, chunk_size=chunk)
+    assert out.getvalue() == (
+        lime_header(0x1000, 0x3FFF) + E1 + lime_header(0x10000, 0x117FF) + P2
+        + lime_header(0x100000, 0x101FFF) + E3
+    )  # fmt: skip
+    check_summary(summary)
+    assert mem.largest <= max(chunk - chunk % 0x1000, 0x1000)
+
+
+def test_lime_round_trip():
+    out = io.BytesIO()
+    export_lime(memory(), out)
+    img = LimeImage(io.BytesIO(out.getvalue()))
+    assert img.ranges() == memory().ranges()
+    assert img.problems == []
+    for start, data in EXPECTED.items():
+        assert img.read(start, len(data)) == data
+
+
+def parse_elf(data: bytes) -> tuple[int, list[tuple]]:
+    """e_phnum and the program headers, read with struct from the ELF64 layout."""
+    assert data[:6] == b"\x7fELF\x02\x01"
+    e_type, e_machine = struct.unpack_from("<HH", data, 16)
+    assert (e_type, e_machine) == (4, 62)
+    (e_phoff,) = struct.unpack_from("<Q", data, 32)
+    e_phentsize, e_phnum = struct.unpack_from("<HH", data, 54)
+    assert e_phentsize == 56
+    return e_phnum, [
+        struct.unpack_from("<IIQQQQQQ", data, e_phoff + 56 * i) for i in range(e_phnum)
+    ]
+
+
+def test_export_elf_layout_and_round_trip():
+    out = io.BytesIO()
+    summary = export_elf(memory(), out, vmcoreinfo=VMCOREINFO, page_offset_base=BASE)
+    check_summary(summary)
+    data = out.getvalue()
+    phnum, phdrs = parse_elf(data)
+    assert phnum == 4
+    p_type, _, off, vaddr, paddr, filesz, memsz, _ = phdrs[0]
+    note_size = 12 + 12 + (len(VMCOREINFO) + 3) // 4 * 4
+    assert (p_type, vaddr, paddr, filesz, memsz) == (4, 0, 0, note_size, note_size)
+    # The VMCOREINFO note: namesz 11, descsz, type 0, "VMCOREINFO\0" padded to 12, the text.
+    assert data[off : off + 24] == struct.pack("<III", 11, len(VMCOREINFO), 0) + b"VMCOREINFO\0\0"
+    assert data[off + 24 : off + 24 + len(VMCOREINFO)] == VMCOREINFO
+    for (p_type, _, off, vaddr, paddr, filesz, memsz, _), start in zip(
+        phdrs[1:], EXPECTED, strict=True
+    ):
+        assert (p_type, paddr, vaddr, filesz, memsz) == (
+            1,
+            start,
+            BASE + start,
+            len(EXPECTED[start]),
+            len(EXPECTED[start]),
+        )
+        assert off % 4096 == start % 4096
+        assert data[off : off + filesz] == EXPECTED[start]
+
+    core = ElfCore(io.BytesIO(data))
+    assert core.problems == []
+    assert core.ranges() == memory().ranges()
+    for start, expected in EXPECTED.items():
+        assert core.read(start, len(expected)) == expected
+        assert core.read_virtual(BASE + start, 16) == expected[:16]
+    assert core.blob("vmcoreinfo") == VMCOREINFO
+    assert core.metadata["direct_map_base"] == BASE
+
+
+def test_export_elf_without_vmcoreinfo_or_base():
+    out = io.BytesIO()
+    export_elf(memory(), out)
+    phnum, phdrs = parse_elf(out.getvalue())
+    assert phnum == 3
+    assert [(p[0], p[3], p[4]) for p in phdrs] == [
+        (1, 0, 0x1000),
+        (1, 0, 0x10000),
+        (1, 0, 0x100000),
+    ]
+    core = ElfCore(io.BytesIO(out.getvalue()))
+    assert core.notes == [] and core.blob("vmcoreinfo") is None
+    assert core.read(0x10000, len(P2)) == P2
+
+
+def test_export_elf_with_more_than_pn_xnum_segments():
+    n = 0xFFFF  # one more than fits in e_phnum
+    mem = SparseMemory({i * 0x1000: bytes([i % 255 + 1]) for i in range(n)})
+    out = io.BytesIO()
+    export_elf(mem, out)
+    data = out.getvalue()
+    (e_shoff,) = struct.unpack_from("<Q", data, 40)
+    (e_phnum,) = struct.unpack_from("<H", data, 56)
+    assert e_phnum == 0xFFFF
+    assert struct.unpack_from("<I", data, e_shoff + 44) == (n,)  # sh_info of section 0
+    core = ElfCore(io.BytesIO(data))
+    assert len(core.ranges()) == n
+    assert core.read(0x1000 * 300, 1) == bytes([300 % 255 + 1])
+
+
+def test_export_raw(tmp_path):
+    path = tmp_path / "m.raw"
+    check_summary(export_raw(memory(), path, chunk_size=0x1000))
+    data = path.read_bytes()
+    expected = bytearray(0x102000)
+    for start, chunk in EXPECTED.items():
+        expected[start : start + len(chunk)] = chunk
+    assert data == bytes(expected)
+    # Holes are left unwritten: where the file system reports holes, the gap starts as one.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        first_data = os.lseek(fd, 0, os.SEEK_DATA)
+    finally:
+        os.close(fd)
+    assert first_data in (0, 0x1000)
+
+
+def test_truncated_lime_to_elf_counts_missing_bytes():
+    out = io.BytesIO()
+    export_lime(SparseMemory({0x10000: P2}), out)
+    img = LimeImage(io.BytesIO(out.getvalue()[:-0x1000]))
+    assert img.missing_ranges() == [(0x10800, 0x11800)]
+    elf = io.BytesIO()
+    summary = export_elf(img, elf, chunk_size=0x1000)
+    # 0x10800-0x117ff touches two pages: the second half of 0x10000 and the first of 0x11000.
+    assert summary.zero_filled == {Fate.MISSING: 2}
+    assert summary.zero_bytes == 0x1000
+    core = ElfCore(io.BytesIO(elf.getvalue()))
+    assert core.read(0x10000, 0x1800) == P2[:0x800] + bytes(0x1000)
+
+
+def test_large_missing_stretch_is_zero_filled_in_bulk():
+    # A range cut after its first byte: 16 MiB of MISSING pages written as zeros.
+    data = lime_header(0x0, 0xFFFFFF) + b"\x07"
+    img = LimeImage(io.BytesIO(data))
+    sink = io.BytesIO()
+    summary = export_lime(img, sink)
+    assert summary.zero_filled == {Fate.MISSING: 4096}
+    assert sink.getvalue() == lime_header(0, 0xFFFFFF) + b"\x07" + bytes(0xFFFFFF)
+
+
+class FullDisk(io.RawIOBase):
+    name = "out.lime"
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_write_failure_is_one_line():
+    with pytest.raises(CollectorError) as e:
+        export_lime(memory(), FullDisk())
+    assert str(e.value) == "out.lime: write failed: No space left on device"
