@@ -12,6 +12,7 @@ import struct
 from dataclasses import dataclass, field
 
 from collector.errors import ImageError
+from collector.image.lime import LIME_HEADER_SIZE
 from collector.memory import Fate, FateRun
 
 FORMAT_VERSION = 1
@@ -26,9 +27,6 @@ END = 0x184D2A53
 INDEX = 0x184D2A54
 SEEK_TABLE = 0x184D2A5E
 SEEKABLE_MAGIC = 0x8F92EAB1
-
-LIME_MAGIC = 0x4C694D45
-LIME_HEADER = struct.Struct("<IIQQ8x")  # magic, version, start, end (inclusive), reserved
 
 DESC_FLAG_LIME_HEADER = 1
 
@@ -117,6 +115,11 @@ class Desc:
     @property
     def has_lime_header(self) -> bool:
         return bool(self.flags & DESC_FLAG_LIME_HEADER)
+
+    @property
+    def stream_bytes(self) -> int:
+        """How many bytes the DATA frame decompresses to."""
+        return self.ram_bytes + (LIME_HEADER_SIZE if self.has_lime_header else 0)
 
     def encode(self) -> bytes:
         parts = [
@@ -265,8 +268,3 @@ def decode_seek_table(payload: bytes) -> list[tuple[int, int]]:
     if count * entry + _SEEK_FOOTER.size != len(payload):
         raise ImageError("seek table has the wrong length")
     return [_SEEK_ENTRY.unpack_from(payload, i * entry) for i in range(count)]
-
-
-def lime_header(start: int, end_exclusive: int) -> bytes:
-    """A LiME range header; LiME stores the end address inclusive."""
-    return LIME_HEADER.pack(LIME_MAGIC, 1, start, end_exclusive - 1)

@@ -21,6 +21,7 @@ import zstandard
 
 from collector.errors import ImageError
 from collector.image import format as fmt
+from collector.image.lime import LIME_HEADER_SIZE
 from collector.memory import Fate, FateRun, PageFate, PageNotCaptured
 
 _CACHE_CHUNKS = 8
@@ -210,7 +211,7 @@ class NativeImage:
             return cached
         desc = self._desc(chunk)
         frame = self._read_at(chunk.data_offset, chunk.data_size)
-        expected = chunk.ram_bytes + (fmt.LIME_HEADER.size if desc.has_lime_header else 0)
+        expected = desc.stream_bytes
         try:
             data = self._dctx.decompress(frame, max_output_size=expected)
         except zstandard.ZstdError as e:
@@ -222,7 +223,7 @@ class NativeImage:
                 f"{self.path}: chunk {chunk.seq} at {chunk.paddr:#x} has the wrong size"
             )
         if desc.has_lime_header:
-            data = data[fmt.LIME_HEADER.size :]
+            data = data[LIME_HEADER_SIZE:]
         self._cache[chunk.seq] = data
         if len(self._cache) > _CACHE_CHUNKS:
             self._cache.popitem(last=False)
@@ -350,7 +351,7 @@ class NativeImage:
                     )
                 expected_seq = desc.seq + 1
                 frame = self._read_at(offset + frame_size, desc.data_size)
-                expected = desc.ram_bytes + (32 if desc.has_lime_header else 0)
+                expected = desc.stream_bytes
                 try:
                     data = self._dctx.decompress(frame, max_output_size=expected)
                     if len(data) != expected:

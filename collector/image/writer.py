@@ -20,6 +20,7 @@ from typing import BinaryIO
 import zstandard
 
 from collector.image import format as fmt
+from collector.image.lime import write_lime_header
 from collector.memory import Fate, FateRun
 
 
@@ -144,7 +145,7 @@ class ImageWriter:
         flags = 0
         payload = data
         if range_start is not None and range_end is not None:
-            payload = fmt.lime_header(range_start, range_end) + data
+            payload = write_lime_header(range_start, range_end - 1) + data
             flags |= fmt.DESC_FLAG_LIME_HEADER
         self._account(paddr, len(data), runs)
         desc = fmt.Desc(self.seq, paddr, len(data), 0, flags, time.monotonic_ns() - self._t0, runs)
@@ -192,7 +193,7 @@ class ImageWriter:
         p.desc.data_size = len(frame)
         desc_frame = p.desc.encode()
         offset = self._write(desc_frame, 0)
-        self._write(frame, p.desc.ram_bytes + (32 if p.desc.has_lime_header else 0))
+        self._write(frame, p.desc.stream_bytes)
         self.index.append(
             fmt.IndexRow(
                 fmt.INDEX_CHUNK,
