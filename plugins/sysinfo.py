@@ -1,0 +1,207 @@
+"""Identity of the captured system: uname fields read from memory, VMCOREINFO, boot time.
+
+Covers ``init_uts_ns`` (include/linux/utsname.h, struct new_utsname in
+include/uapi/linux/utsname.h) and ``tk_core`` (kernel/time/timekeeping.c, struct timekeeper in
+include/linux/timekeeper_internal.h).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from construct import ConstructError
+
+from collector.errors import CollectorError, ImageError, NotApplicable
+from collector.plugins import Analysis, Field, hookimpl
+
+if TYPE_CHECKING:
+    from collector.kernel.kernel import Kernel
+
+T = TypeVar("T")
+
+#: The members of struct new_utsname, as ``uname(2)`` returns them.
+UTS_MEMBERS = ("sysname", "nodename", "release", "version", "machine", "domainname")
+
+#: struct new_utsname is user ABI (``uname(2)`` copies it out whole): six
+#: ``char[__NEW_UTS_LEN + 1]`` with ``__NEW_UTS_LEN`` 64. Used only when the image has no BTF.
+NEW_UTS_LEN = 64
+
+#: No kernel's struct new_utsname comes near this; a larger BTF size is hostile.
+_MAX_UTSNAME = 4096
+
+FIELDS = (
+    Field("sysname", "str", "init_uts_ns.name.sysname read from memory (uname -s)"),
+    Field("nodename", "str", "init_uts_ns.name.nodename: the host name at capture (uname -n)"),
+    Field("release", "str", "init_uts_ns.name.release (uname -r)"),
+    Field("version", "str", "init_uts_ns.name.version: build number and date (uname -v)"),
+    Field("machine", "str", "init_uts_ns.name.machine (uname -m)"),
+    Field("domainname", "str", "init_uts_ns.name.domainname: the NIS domain name"),
+    Field("osrelease", "str", "VMCOREINFO OSRELEASE: the release the kernel wrote at boot"),
+    Field("build_id", "str", "VMCOREINFO BUILD-ID: the GNU build ID of vmlinux, in hex"),
+    Field("kerneloffset", "hex", "VMCOREINFO KERNELOFFSET: how far KASLR moved the kernel image"),
+    Field(
+        "phys_base",
+        "hex",
+        "VMCOREINFO NUMBER(phys_base): where the kernel image was loaded in physical memory"
+        " relative to its link address (negative under KASLR)",
+    ),
+    Field("paging_mode", "str", "4-level or 5-level, from VMCOREINFO NUMBER(pgtable_l5_enabled)"),
+    Field("page_size", "int", "VMCOREINFO PAGESIZE, else the image's page size, in bytes"),
+    Field(
+        "range_bytes",
+        "int",
+        "bytes of physical address space the image's ranges cover, pages not read included",
+    ),
+    Field("mem_total", "int", "MemTotal of the meminfo blob (/proc/meminfo at capture), in bytes"),
+    Field(
+        "boot_time",
+        "str",
+        "UTC wall-clock time of boot (ISO 8601), from memory: tk_core.timekeeper.offs_real"
+        " minus offs_boot, as getboottime64() computes it",
+    ),
+    Field("capture_time", "str", "when the capture started, from the image header (ISO 8601)"),
+    Field("notes", "str", "what could not be read and why, and fallbacks taken; '; '-separated"),
+)
+
+SYSINFO = Analysis(
+    name="sysinfo",
+    summary="identity of the captured kernel: uname, VMCOREINFO, boot time, memory size",
+    fields=FIELDS,
+)
+
+
+@hookimpl
+def collector_analyses() -> list[Analysis]:
+    return [SYSINFO]
+
+
+@hookimpl
+def collector_analyze(name: str, kernel: Kernel) -> list[dict[str, Any]] | None:
+    if name != SYSINFO.name:
+        return None
+    return [sysinfo(kernel)]
+
+
+def sysinfo(kernel: Kernel) -> dict[str, Any]:
+    """The one sysinfo record; each part that cannot be read is ``None`` and said in ``notes``."""
+    notes: list[str] = []
+
+    def attempt(what: str, get: Callable[[], T]) -> T | None:
+        try:
+            return get()
+        except (CollectorError, ConstructError) as e:
+            notes.append(f"{what}: {e}")
+            return None
+
+    record: dict[str, Any] = dict.fromkeys(f.name for f in FIELDS)
+    record.update(attempt("init_uts_ns", lambda: read_init_uts_ns(kernel)) or {})
+    vmcoreinfo = attempt("VMCOREINFO", lambda: kernel.vmcoreinfo)
+    if vmcoreinfo is not None:
+        record["osrelease"] = vmcoreinfo.osrelease
+        record["build_id"] = vmcoreinfo.build_id
+        record["kerneloffset"] = vmcoreinfo.kerneloffset
+        record["phys_base"] = vmcoreinfo.phys_base
+        record["page_size"] = vmcoreinfo.page_size
+        record["paging_mode"] = attempt("paging", lambda: kernel.paging_mode)
+    memory = kernel.memory
+    if record.get("page_size") is None:
+        record["page_size"] = memory.page_size
+    record["range_bytes"] = sum(end - start for start, end in memory.ranges())
+    record["mem_total"] = mem_total(memory.blob("meminfo"))
+    boot_ns = attempt("boot_time", lambda: getboottime64(kernel))
+    if boot_ns is not None:
+        record["boot_time"] = attempt("boot_time", lambda: _iso_utc(boot_ns))
+    start = memory.metadata.get("start_time")
+    record["capture_time"] = start if isinstance(start, str) else None
+    notes.extend(getattr(kernel, "notes", []))
+    record["notes"] = "; ".join(notes) or None
+    return record
+
+
+def read_init_uts_ns(kernel: Kernel) -> dict[str, str]:
+    """``init_uts_ns.name``: the ``struct new_utsname`` the kernel answers ``uname(2)`` with.
+
+    Member offsets come from BTF; without BTF, from VMCOREINFO ``OFFSET(uts_namespace.name)``
+    and the user ABI layout of struct new_utsname.
+    """
+    try:
+        btf = kernel.btf
+    except NotApplicable:
+        btf = None
+    if btf is not None:
+        base = kernel.symbol("init_uts_ns") + btf.offsetof("uts_namespace", "name")
+        size = btf.sizeof("new_utsname")
+        offsets = {m: btf.offsetof("new_utsname", m) for m in UTS_MEMBERS}
+    else:
+        offset = kernel.vmcoreinfo.offset("uts_namespace.name")
+        if offset is None:
+            raise NotApplicable("no BTF, and VMCOREINFO has no OFFSET(uts_namespace.name)")
+        base = kernel.symbol("init_uts_ns") + offset
+        size = len(UTS_MEMBERS) * (NEW_UTS_LEN + 1)
+        offsets = {m: i * (NEW_UTS_LEN + 1) for i, m in enumerate(UTS_MEMBERS)}
+    if not 0 < size <= _MAX_UTSNAME or not all(0 <= o < size for o in offsets.values()):
+        raise ImageError(f"struct new_utsname of {size} bytes with offsets {offsets} is not sane")
+    raw = kernel.read_virt(base, size)
+    # Each char array runs to the next member (or the end of the struct).
+    ends = sorted({*offsets.values(), size})
+    out = {}
+    for member, start in offsets.items():
+        end = next(e for e in ends if e > start)
+        text = raw[start:end].split(b"\0", 1)[0]
+        out[member] = text.decode("utf-8", errors="backslashreplace")
+    return out
+
+
+def tk_core_timekeeper_offset(btf: Any) -> int:
+    """Where ``struct timekeeper timekeeper`` sits inside ``tk_core``."""
+    # v6.13 "timekeeping: Define a struct type for tk_core to make it reusable" named the
+    # type struct tk_data.
+    if btf.has_member("tk_data", "timekeeper"):
+        return btf.offsetof("tk_data", "timekeeper")
+    # Before, tk_core is an anonymous struct { seq; struct timekeeper timekeeper; }, so the
+    # timekeeper follows seq, aligned to its 8-byte members (u64, ktime_t). v5.10
+    # "timekeeping: Use sequence counter with associated raw spinlock" made seq a
+    # seqcount_raw_spinlock_t; it was a seqcount_t before.
+    if btf.has_member("seqcount_raw_spinlock", "seqcount"):
+        seq = btf.sizeof("seqcount_raw_spinlock")
+    else:
+        seq = btf.sizeof("seqcount")
+    return (seq + 7) // 8 * 8
+
+
+def getboottime64(kernel: Kernel) -> int:
+    """Wall-clock time of boot in nanoseconds since the epoch, as ``getboottime64()``.
+
+    ``offs_real`` is CLOCK_REALTIME minus CLOCK_MONOTONIC and ``offs_boot`` CLOCK_BOOTTIME
+    minus CLOCK_MONOTONIC; at boot BOOTTIME is 0, so boot happened at ``offs_real - offs_boot``.
+    """
+    btf = kernel.btf
+    tk_core = kernel.symbols.get("tk_core")
+    if tk_core is None:
+        raise NotApplicable("symbol tk_core is not in the symbol table")
+    timekeeper = tk_core + tk_core_timekeeper_offset(btf)
+    offs_real = kernel.read_s64(timekeeper + btf.offsetof("timekeeper", "offs_real"))
+    offs_boot = kernel.read_s64(timekeeper + btf.offsetof("timekeeper", "offs_boot"))
+    return offs_real - offs_boot
+
+
+def _iso_utc(ns: int) -> str:
+    try:
+        when = dt.datetime.fromtimestamp(ns // 1_000_000_000, dt.UTC)
+    except (OverflowError, ValueError, OSError):
+        raise ImageError(f"{ns} ns since the epoch is not a date") from None
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_MEMTOTAL = re.compile(rb"^MemTotal:[ \t]+([0-9]{1,20}) kB[ \t]*$", re.MULTILINE)
+
+
+def mem_total(meminfo: bytes | None) -> int | None:
+    """``MemTotal`` of /proc/meminfo text, in bytes, or ``None``."""
+    if not meminfo:
+        return None
+    found = _MEMTOTAL.search(meminfo)
+    return None if found is None else int(found.group(1)) * 1024
