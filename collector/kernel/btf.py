@@ -94,7 +94,9 @@ _PER_VLEN = {
 _FIXED_TABLE: tuple[int | None, ...] = tuple(_FIXED_EXTRA.get(k) for k in range(32))
 _PER_TABLE: tuple[int, ...] = tuple(_PER_VLEN.get(k, 0) for k in range(32))
 
-_SIZED = frozenset({Kind.INT, Kind.STRUCT, Kind.UNION, Kind.ENUM, Kind.ENUM64, Kind.DATASEC, Kind.FLOAT})
+_SIZED = frozenset(
+    {Kind.INT, Kind.STRUCT, Kind.UNION, Kind.ENUM, Kind.ENUM64, Kind.DATASEC, Kind.FLOAT}
+)
 _QUALIFIERS = frozenset({Kind.TYPEDEF, Kind.VOLATILE, Kind.CONST, Kind.RESTRICT, Kind.TYPE_TAG})
 _ENUMS = frozenset({Kind.ENUM, Kind.ENUM64})
 _AGGREGATES = frozenset({Kind.STRUCT, Kind.UNION})
@@ -220,13 +222,10 @@ def _kind_of(kind: Kind | int | str | None) -> Kind | None:
 class BTF:
     """A parsed BTF blob. Build with :meth:`BTF.parse`; types are decoded on first use."""
 
-    def __init__(
-        self, data: bytes, endian: str, offsets: array, types_start: int, strs: tuple[int, int]
-    ) -> None:
+    def __init__(self, data: bytes, endian: str, offsets: array, strs: tuple[int, int]) -> None:
         self._data = data
         self.endian = endian  # '<' or '>', the byte order of the blob and of its kernel
         self._offs = offsets
-        self._types_start = types_start
         self._str_start, self._str_end = strs
         self._u32x3 = struct.Struct(endian + "III")
         self._u32 = struct.Struct(endian + "I")
@@ -237,6 +236,8 @@ class BTF:
         self._enumerators: dict[str, list[tuple[int, int]]] | None = None
         self._pointer_size: int | None = None
         self._constructs: dict[int, Any] = {}
+        self._scopes: dict[int, dict[str, tuple[int, Member]]] = {}
+        self._scoping: set[int] = set()
 
     # ------------------------------------------------------------------ parsing
 
@@ -283,7 +284,7 @@ class BTF:
             raise ImageError("BTF: string section must start and end with a NUL byte")
         t0 = hdr_len + type_off
         offsets = cls._scan_types(data, e, t0, t0 + type_len, str_len)
-        return cls(data, e, offsets, t0, (s0, s1))
+        return cls(data, e, offsets, (s0, s1))
 
     @staticmethod
     def _scan_types(data: bytes, e: str, t0: int, t1: int, str_len: int) -> array:
@@ -313,9 +314,7 @@ class BTF:
             append(off)
             off += 12 + extra + (info & 0xFFFF) * per[kind]
         if off != t1:
-            raise ImageError(
-                f"BTF: type id {len(offsets)} runs past the end of the type section"
-            )
+            raise ImageError(f"BTF: type id {len(offsets)} runs past the end of the type section")
         return offsets
 
     # ------------------------------------------------------------------ strings and types
@@ -391,7 +390,9 @@ class BTF:
             return Type(**common, size=st, members=tuple(members))
         if kind is Kind.ENUM:
             values = []
-            for e_name, e_val in struct.iter_unpack(self.endian + "Ii", data[body : body + 8 * vlen]):
+            for e_name, e_val in struct.iter_unpack(
+                self.endian + "Ii", data[body : body + 8 * vlen]
+            ):
                 values.append(Enumerator(self._str(e_name), e_val if kflag else e_val & 0xFFFFFFFF))
             return Type(**common, size=st, enumerators=tuple(values))
         if kind is Kind.ENUM64:
@@ -546,28 +547,48 @@ class BTF:
         """The direct members of a struct or union (anonymous members have name '')."""
         t = self.type(self.resolve(self._id(struct_name, _AGGREGATES)))
         if t.kind not in _AGGREGATES:
-            raise ImageError(f"BTF: type id {t.id} ({t.name or 'anonymous'}) is not a struct or union")
+            raise ImageError(
+                f"BTF: type id {t.id} ({t.name or 'anonymous'}) is not a struct or union"
+            )
         return list(t.members)
 
-    def _member(self, agg_id: int, name: str, depth: int = 0) -> tuple[int, Member] | None:
-        """Find ``name`` in a struct/union or, as in C, inside its anonymous members.
+    def _scope(self, agg_id: int, depth: int = 0) -> dict[str, tuple[int, Member]]:
+        """Every member name reachable in a struct/union as in C, through anonymous members.
 
-        :returns: (bit offset of the member from the aggregate's start, the member) or None.
+        :returns: name -> (bit offset from the aggregate's start, the member); cached.
         """
-        if depth > MAX_NESTING:
-            raise ImageError(f"BTF: anonymous members of type id {agg_id} nest too deeply")
-        t = self.type(agg_id)
-        for m in t.members:
-            if m.name == name:
-                return m.bit_offset, m
-        for m in t.members:
-            if m.name == "":
+        scope = self._scopes.get(agg_id)
+        if scope is not None:
+            return scope
+        if depth > MAX_NESTING or agg_id in self._scoping:
+            raise ImageError(
+                f"BTF: anonymous members of type id {agg_id} nest too deeply or in a cycle"
+            )
+        self._scoping.add(agg_id)
+        try:
+            scope = {}
+            t = self.type(agg_id)
+
+            def add(name: str, bit: int, member: Member) -> None:
+                # C forbids duplicates, which also keeps this linear on crafted input.
+                if name in scope:
+                    raise ImageError(
+                        f"BTF: {t.kind.name.lower()} {t.name or agg_id} has two members named {name!r}"
+                    )
+                scope[name] = (bit, member)
+
+            for m in t.members:
+                if m.name:
+                    add(m.name, m.bit_offset, m)
+                    continue
                 inner = self.resolve(m.type_id)
                 if self.kind(inner) in _AGGREGATES:
-                    found = self._member(inner, name, depth + 1)
-                    if found is not None:
-                        return m.bit_offset + found[0], found[1]
-        return None
+                    for name, (bit, member) in self._scope(inner, depth + 1).items():
+                        add(name, m.bit_offset + bit, member)
+        finally:
+            self._scoping.discard(agg_id)
+        self._scopes[agg_id] = scope
+        return scope
 
     def _walk(self, struct_name: str | int, path: str) -> tuple[int, Member | None, int] | None:
         """Follow a member path; (bit offset, last member, its type id) or None if absent."""
@@ -577,7 +598,7 @@ class BTF:
         for name, indexes in _parse_path(path):
             if self.kind(tid) not in _AGGREGATES:
                 return None
-            found = self._member(tid, name)
+            found = self._scope(tid).get(name)
             if found is None:
                 return None
             offset, member = found
@@ -706,19 +727,19 @@ def cross_check(btf: BTF, vmcoreinfo_entries: dict[str, int]) -> CrossCheck:
         if m is None:
             continue
         what, arg = m.groups()
-        if what == "SIZE":
-            if not btf.find_all(arg):
-                result.missing.append(f"{key}: BTF has no type {arg!r}")
-                continue
-            got = btf.sizeof(arg)
-        else:
-            struct_name, _, path = arg.partition(".")
-            if not path:
-                continue  # LENGTH(symbol) describes a variable, not a type
-            if not btf.has_member(struct_name, path):
+        struct_name, _, path = arg.partition(".")
+        if what != "SIZE" and not path:
+            continue  # LENGTH(symbol) describes a variable, not a type
+        try:
+            if what == "SIZE":
+                if not btf.find_all(arg):
+                    result.missing.append(f"{key}: BTF has no type {arg!r}")
+                    continue
+                got = btf.sizeof(arg)
+            elif not btf.has_member(struct_name, path):
                 result.missing.append(f"{key}: BTF has no member {struct_name}.{path}")
                 continue
-            if what == "OFFSET":
+            elif what == "OFFSET":
                 got = btf.offsetof(struct_name, path)
             else:
                 found = btf._walk(struct_name, path)
@@ -727,6 +748,12 @@ def cross_check(btf: BTF, vmcoreinfo_entries: dict[str, int]) -> CrossCheck:
                     result.append(f"{key}: VMCOREINFO says {value}, BTF member is not an array")
                     continue
                 got = t.nelems
+        except ValueError:  # VMCOREINFO comes from the image: a path that is no C path
+            result.missing.append(f"{key}: not a member path")
+            continue
+        except ImageError as e:
+            result.append(f"{key}: VMCOREINFO says {value}, {e}")
+            continue
         if got != value:
             result.append(f"{key}: VMCOREINFO says {value}, BTF says {got}")
     return result
