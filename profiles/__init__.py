@@ -17,9 +17,14 @@ _PROFILES = {
 }
 
 
-def available() -> list[str]:
+def names() -> list[str]:
     """The names of every built-in profile, sorted."""
     return sorted(_PROFILES)
+
+
+def available() -> list[Any]:
+    """Every built-in profile (each with ``name`` and ``description``), sorted by name."""
+    return [get(n) for n in names()]
 
 
 def get(name: str) -> Any:
@@ -30,6 +35,6 @@ def get(name: str) -> Any:
     module = _PROFILES.get(name)
     if module is None:
         raise CollectorError(
-            f"unknown profile {name!r}; available: {', '.join(available())}", exit_code=2
+            f"unknown profile {name!r}; available: {', '.join(names())}", exit_code=2
         )
     return importlib.import_module(module).PROFILE

@@ -7,6 +7,7 @@ with the ``VMCOREINFO_*`` macros of include/linux/vmcore_info.h.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import struct
 from collections.abc import Mapping
@@ -137,8 +138,16 @@ class VmcoreInfo:
 
     # -- accessors ------------------------------------------------------------------------
 
-    def entries(self) -> dict[str, str]:
-        """Every entry as its raw text, keyed by the raw key (``SIZE(page)``, ``OSRELEASE``)."""
+    def entries(self) -> dict[str, int | str]:
+        """Every entry keyed by its raw key (``SIZE(page)``, ``OSRELEASE``).
+
+        Values of numeric keys (SYMBOL, OFFSET, SIZE, LENGTH, NUMBER, PAGESIZE, KERNELOFFSET,
+        CRASHTIME) are ints, the others the text after ``=``.
+        """
+        return {k: self._values.get(k, v) for k, v in self._entries.items()}
+
+    def raw_entries(self) -> dict[str, str]:
+        """Every entry as the text after ``=``, keyed by the raw key."""
         return dict(self._entries)
 
     def __contains__(self, key: str) -> bool:
@@ -246,7 +255,13 @@ def find_vmcoreinfo_note(notes: bytes) -> bytes | None:
 
 
 def _metadata_paddr(metadata: Mapping) -> int | None:
+    """The note's address as the capture recorded it: ``vmcoreinfo_paddr``, or the first
+    element of ``vmcoreinfo_location`` (``[paddr, size]``)."""
     value = metadata.get("vmcoreinfo_paddr")
+    if value is None:
+        location = metadata.get("vmcoreinfo_location")
+        if isinstance(location, list | tuple) and location:
+            value = location[0]
     if isinstance(value, str):
         try:
             value = int(value, 0)
@@ -256,7 +271,7 @@ def _metadata_paddr(metadata: Mapping) -> int | None:
 
 
 def _read_upto(memory: PhysicalMemory, paddr: int, size: int) -> bytes:
-    """Read up to ``size`` bytes, stopping short at the first page the image lacks."""
+    """Read up to ``size`` bytes, stopping short where the image's data ends."""
     try:
         return memory.read(paddr, size)
     except PageNotCaptured:
@@ -269,6 +284,11 @@ def _read_upto(memory: PhysicalMemory, paddr: int, size: int) -> bytes:
         try:
             out += memory.read(at, step)
         except PageNotCaptured:
+            # A range may end inside a page: take what it holds, then stop.
+            end = next((e for s, e in memory.ranges() if s <= at < e), at)
+            if at < end < at + step:
+                with contextlib.suppress(PageNotCaptured):
+                    out += memory.read(at, end - at)
             break
     return bytes(out)
 
@@ -304,8 +324,8 @@ def scan_for_vmcoreinfo(
 ) -> VmcoreInfo | None:
     """Find VMCOREINFO in captured physical memory, or return None.
 
-    First the note at ``metadata["vmcoreinfo_paddr"]`` (what ``/sys/kernel/vmcoreinfo``
-    printed on the live machine), then a scan of every captured range for ``OSRELEASE=``.
+    First the note at ``metadata["vmcoreinfo_paddr"]`` or ``metadata["vmcoreinfo_location"]``
+    (what ``/sys/kernel/vmcoreinfo`` printed on the live machine), then a scan of every captured range for ``OSRELEASE=``.
     The kernel's buffers (``vmcoreinfo_data``, and the note ``vmcoreinfo_note`` whose text
     starts 24 bytes in) are page-allocated, so a page-aligned copy wins; any other copy is
     used only when no aligned one exists.
@@ -321,6 +341,9 @@ def scan_for_vmcoreinfo(
     needle = b"OSRELEASE="
     page = memory.page_size
     fallback: VmcoreInfo | None = None
+    # Memory full of "OSRELEASE=" must not cost a 4 KiB parse per hit: unaligned hits are
+    # tried a bounded number of times, aligned ones at most twice per page.
+    unaligned_tries = 64
     scanned = 0
     for start, end in memory.ranges():
         at = start
@@ -340,7 +363,9 @@ def scan_for_vmcoreinfo(
                 aligned = offset == 0 or (
                     offset == 24 and _read_upto(memory, hit - 12, 11) == NOTE_NAME + b"\0"
                 )
-                if aligned or fallback is None:
+                if not aligned and fallback is None:
+                    unaligned_tries -= 1
+                if aligned or (fallback is None and unaligned_tries >= 0):
                     info = _candidate(memory, hit)
                     if info is not None:
                         if aligned:

@@ -1,0 +1,340 @@
+"""The offline view of one kernel in an image: the object plugins receive as ``kernel``.
+
+Everything is worked out lazily from the image alone (physical memory plus its blobs):
+VMCOREINFO, page tables, symbols, the address-space layout and BTF types.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from collector.errors import CollectorError, ImageError, NotApplicable
+from collector.kernel.symbols import KallsymsHidden, SymbolTable
+from collector.kernel.vmcoreinfo import VmcoreInfo, scan_for_vmcoreinfo
+from collector.memory import PhysicalMemory
+from profiles.x86_64 import (
+    KernelLayout,
+    Translation,
+    X86_64Paging,
+    top_table_from_vmcoreinfo,
+)
+
+#: The largest single virtual read; larger ones are a caller's bug or hostile sizes.
+MAX_READ = 256 * 1024 * 1024
+_CACHE_ENTRIES = 1 << 16
+_PAGE = 4096
+_MISSING = object()
+
+
+class _Lazy:
+    """A value computed once on first use; a failure is remembered and raised again."""
+
+    def __init__(self, compute: Callable[[], Any]) -> None:
+        self._compute = compute
+        self._value: Any = _MISSING
+        self._error: BaseException | None = None
+
+    def get(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        if self._value is _MISSING:
+            try:
+                self._value = self._compute()
+            except CollectorError as exc:
+                self._error = exc
+                raise
+        return self._value
+
+
+class _SymbolsIfAny:
+    """Symbol lookups for the layout that quietly find nothing when there are no symbols."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self._kernel = kernel
+
+    def get(self, name: str) -> int | None:
+        try:
+            return self._kernel.symbols.get(name)
+        except CollectorError:
+            return None
+
+
+class Kernel:
+    """One kernel as the image shows it.
+
+    :param memory: the image's physical memory.
+    :param vmcoreinfo: use this instead of the image's own (tests, external notes).
+    :param symbols: use this table instead of building one from the image.
+    :param btf: use these BTF types instead of parsing blob ``btf``.
+    """
+
+    def __init__(
+        self,
+        memory: PhysicalMemory,
+        vmcoreinfo: VmcoreInfo | None = None,
+        symbols: SymbolTable | None = None,
+        btf: Any | None = None,
+    ) -> None:
+        self.memory = memory
+        #: Fallbacks taken while working things out, one line each, for reports.
+        self.notes: list[str] = []
+        self._vmcoreinfo = _Lazy(
+            lambda: vmcoreinfo if vmcoreinfo is not None else self._find_vmcoreinfo()
+        )
+        self._paging = _Lazy(self._make_paging)
+        self._symbols = _Lazy(lambda: symbols if symbols is not None else self._make_symbols())
+        self._layout = _Lazy(self._make_layout)
+        self._btf = _Lazy(lambda: btf if btf is not None else self._make_btf())
+        self._tlb: dict[int, tuple[int, int, int]] = {}
+
+    # -- lazily worked out -------------------------------------------------------------------
+
+    @property
+    def vmcoreinfo(self) -> VmcoreInfo:
+        """The kernel's VMCOREINFO: blob ``vmcoreinfo``, else found in captured memory.
+
+        :raises NotApplicable: the image has none.
+        """
+        return self._vmcoreinfo.get()
+
+    @property
+    def paging(self) -> X86_64Paging:
+        """The page-table walker for the kernel's own tables (``init_top_pgt``)."""
+        return self._paging.get()
+
+    @property
+    def symbols(self) -> SymbolTable:
+        """Kernel symbols: blob ``kallsyms``, else decoded from memory; plus VMCOREINFO's."""
+        return self._symbols.get()
+
+    @property
+    def layout(self) -> KernelLayout:
+        """Where the kernel put the direct map, the vmemmap and its image."""
+        return self._layout.get()
+
+    @property
+    def btf(self) -> Any:
+        """The kernel's BTF types, from blob ``btf``.
+
+        :raises NotApplicable: the image carries no BTF.
+        """
+        return self._btf.get()
+
+    def _find_vmcoreinfo(self) -> VmcoreInfo:
+        blob = self.memory.blob("vmcoreinfo")
+        if blob:
+            try:
+                return VmcoreInfo.from_blob(blob)
+            except ImageError as exc:
+                self.notes.append(f"vmcoreinfo blob unusable ({exc}); scanning memory")
+        found = scan_for_vmcoreinfo(self.memory)
+        if found is None:
+            raise NotApplicable(
+                "the image has no VMCOREINFO: no usable 'vmcoreinfo' blob and none found"
+                " in captured memory"
+            )
+        return found
+
+    def _make_paging(self) -> X86_64Paging:
+        top, levels, sme_mask = top_table_from_vmcoreinfo(self.vmcoreinfo)
+        return X86_64Paging(self.memory, top, levels, sme_mask)
+
+    def _make_symbols(self) -> SymbolTable:
+        table: SymbolTable | None = None
+        blob = self.memory.blob("kallsyms")
+        if blob:
+            try:
+                table = SymbolTable.from_kallsyms_text(blob)
+            except KallsymsHidden as exc:
+                self.notes.append(f"{exc}; decoding kallsyms from memory instead")
+            except ImageError as exc:
+                self.notes.append(f"kallsyms blob unusable ({exc}); decoding from memory")
+        try:
+            vmcoreinfo: VmcoreInfo | None = self.vmcoreinfo
+        except CollectorError:
+            if table is None:
+                raise
+            return table
+        if table is None:
+            try:
+                table = SymbolTable.decode_kallsyms(self.read_virt, vmcoreinfo)
+            except CollectorError as exc:
+                self.notes.append(f"kallsyms not decoded ({exc}); only VMCOREINFO symbols")
+                return SymbolTable.from_vmcoreinfo(vmcoreinfo)
+        return table.merged(SymbolTable.from_vmcoreinfo(vmcoreinfo))
+
+    def _make_layout(self) -> KernelLayout:
+        layout = KernelLayout.from_image(
+            self.memory, self.vmcoreinfo, _SymbolsIfAny(self), paging=self.paging
+        )
+        self.notes.extend(layout.notes)
+        return layout
+
+    def _make_btf(self) -> Any:
+        blob = self.memory.blob("btf")
+        if not blob:
+            raise NotApplicable("the image carries no BTF (blob 'btf')")
+        from collector.kernel.btf import BTF
+
+        return BTF.parse(blob)
+
+    # -- identity ----------------------------------------------------------------------------
+
+    @property
+    def release(self) -> str | None:
+        """``OSRELEASE``, e.g. ``6.1.0-56-amd64``."""
+        return self.vmcoreinfo.osrelease
+
+    @property
+    def build_id(self) -> str | None:
+        return self.vmcoreinfo.build_id
+
+    @property
+    def kaslr_offset(self) -> int:
+        """``KERNELOFFSET``: how far KASLR moved the kernel image (0 without KASLR)."""
+        return self.vmcoreinfo.kerneloffset or 0
+
+    @property
+    def paging_mode(self) -> str:
+        """``"4-level"`` or ``"5-level"``."""
+        return self.paging.mode
+
+    # -- addresses ---------------------------------------------------------------------------
+
+    def translate(self, vaddr: int) -> Translation:
+        """Walk the kernel's page tables for ``vaddr``, every step recorded."""
+        return self.paging.translate(vaddr)
+
+    def symbol(self, name: str) -> int:
+        """The address of kernel symbol ``name``.
+
+        :raises SymbolNotFound: the symbol is not known.
+        """
+        return self.symbols.lookup(name)
+
+    def pfn_to_page(self, pfn: int) -> int:
+        """``pfn_to_page()``: the ``struct page *`` of a PFN in the vmemmap."""
+        return self.layout.pfn_to_page(pfn)
+
+    def page_to_pfn(self, page: int) -> int:
+        """``page_to_pfn()``: the PFN of a ``struct page *``."""
+        return self.layout.page_to_pfn(page)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def read_phys(self, paddr: int, size: int) -> bytes:
+        """Read physical memory (raises PageNotCaptured for pages the image lacks)."""
+        _check_size(size)
+        return self.memory.read(paddr, size)
+
+    def _map(self, vaddr: int) -> tuple[int, int]:
+        """Physical address of ``vaddr`` and how many bytes from it are contiguous."""
+        hit = self._tlb.get(vaddr >> 12)
+        if hit is None:
+            t = self.paging.translate(vaddr)
+            vbase = vaddr - vaddr % t.page_size
+            hit = (t.paddr - vaddr % t.page_size, vbase, t.page_size)
+            if len(self._tlb) >= _CACHE_ENTRIES:
+                self._tlb.clear()
+            self._tlb[vaddr >> 12] = hit
+        pbase, vbase, size = hit
+        return pbase + (vaddr - vbase), vbase + size - vaddr
+
+    def read_virt(self, vaddr: int, size: int) -> bytes:
+        """Read kernel virtual memory, translating page by page.
+
+        :raises TranslationError: a page on the way is not mapped.
+        :raises PageNotCaptured: a page (of data or of page tables) is not in the image.
+        :raises ImageError: ``size`` is negative or larger than MAX_READ.
+        """
+        _check_size(size)
+        out = bytearray()
+        while size > 0:
+            paddr, run = self._map(vaddr)
+            n = min(size, run)
+            out += self.memory.read(paddr, n)
+            vaddr += n
+            size -= n
+        return bytes(out)
+
+    def _unpack(self, fmt: str, vaddr: int) -> int:
+        s = struct.Struct(fmt)
+        return s.unpack(self.read_virt(vaddr, s.size))[0]
+
+    def read_u8(self, vaddr: int) -> int:
+        return self._unpack("<B", vaddr)
+
+    def read_u16(self, vaddr: int) -> int:
+        return self._unpack("<H", vaddr)
+
+    def read_u32(self, vaddr: int) -> int:
+        return self._unpack("<I", vaddr)
+
+    def read_u64(self, vaddr: int) -> int:
+        return self._unpack("<Q", vaddr)
+
+    def read_s32(self, vaddr: int) -> int:
+        return self._unpack("<i", vaddr)
+
+    def read_s64(self, vaddr: int) -> int:
+        return self._unpack("<q", vaddr)
+
+    def read_pointer(self, vaddr: int) -> int:
+        """An ``unsigned long``/pointer (8 bytes on x86_64)."""
+        return self._unpack("<Q", vaddr)
+
+    def read_cstring(self, vaddr: int, max_len: int = 4096) -> bytes:
+        """A NUL-terminated string without its NUL; at most ``max_len`` bytes are returned.
+
+        Reads stop at page boundaries, so a string ending just before an unmapped page
+        still reads.
+        """
+        _check_size(max_len)
+        out = bytearray()
+        while len(out) < max_len:
+            step = min(max_len - len(out), _PAGE - vaddr % _PAGE)
+            chunk = self.read_virt(vaddr, step)
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                out += chunk[:nul]
+                return bytes(out)
+            out += chunk
+            vaddr += step
+        return bytes(out)
+
+    # -- types (BTF) -------------------------------------------------------------------------
+
+    def struct(self, name: str) -> Any:
+        """The construct definition of ``struct name`` from BTF."""
+        return self.btf.struct(name)
+
+    def read_struct(self, name: str, vaddr: int) -> Any:
+        """Parse one ``struct name`` at ``vaddr``.
+
+        :raises ImageError: the bytes do not parse (construct's error, in one line).
+        """
+        import construct
+
+        definition = self.btf.struct(name)
+        data = self.read_virt(vaddr, self.btf.sizeof(name))
+        try:
+            return definition.parse(data)
+        except construct.ConstructError as exc:
+            raise ImageError(f"struct {name} at {vaddr:#x} does not parse: {exc}") from None
+
+    def read_array(self, name: str, vaddr: int, count: int) -> Any:
+        """``count`` consecutive ``struct name`` at ``vaddr`` as one numpy structured array."""
+        from collector.kernel.bulk import bulk_view
+
+        size = self.btf.sizeof(name)
+        if count < 0 or size * count > MAX_READ:
+            raise ImageError(f"{count} x struct {name} ({size} bytes each) is too large a read")
+        definition = self.btf.struct(name)
+        return bulk_view(self.read_virt(vaddr, size * count), definition, count)
+
+
+def _check_size(size: int) -> None:
+    if not 0 <= size <= MAX_READ:
+        raise ImageError(f"read of {size} bytes refused (limit {MAX_READ})")
