@@ -60,10 +60,13 @@ def parse_vmcoreinfo_note(note: bytes) -> bytes | None:
 
 
 def vmcoreinfo_location(sysroot: Sysroot) -> tuple[int, int] | None:
-    """``/sys/kernel/vmcoreinfo``: the physical address and size of the VMCOREINFO note."""
+    """``/sys/kernel/vmcoreinfo``: the physical address and size of the VMCOREINFO note.
+
+    The kernel prints both in hex, the size without a ``0x`` (kernel/ksysfs.c: ``"%pa %x"``).
+    """
     try:
         addr, size = sysroot.read_text("/sys/kernel/vmcoreinfo").split()[:2]
-        return int(addr, 16), int(size, 0)
+        return int(addr, 16), int(size, 16)
     except (OSError, ValueError):
         return None
 
