@@ -194,7 +194,8 @@ def cmd_capture(args: argparse.Namespace, argv: list[str]) -> int:
     if not (1 << 12) <= options.chunk_size <= (64 << 20) or options.chunk_size % 4096:
         raise CollectorError("--chunk-size must be a multiple of 4 KiB between 4K and 64M", 2)
     if args.dry_run:
-        return _print_plan(session.build_plan(options)[0], args.json)
+        with session.build_plan(options)[0] as the_plan:
+            return _print_plan(the_plan, args.json)
     bar = None
     if not args.no_progress and not args.json and sys.stderr.isatty():
         bar = ProgressBar()
@@ -215,14 +216,12 @@ def _print_plan(the_plan, as_json: bool) -> int:
     if as_json:
         print(json.dumps(doc, indent=2, sort_keys=True))
         return 0
-    print(f"lockdown: {doc.get('lockdown')}   strict /dev/mem: {doc.get('strict_devmem')}")
-    for name, state in doc.get("sources", {}).items():
+    print(f"lockdown: {doc['lockdown']}")
+    print(f"strict /dev/mem: {doc['strict_devmem']} ({doc['strict_devmem_evidence']})")
+    for name, state in doc["sources"].items():
         print(f"source {name}: {state}")
-    print(f"{'range':<37} {'size':>10}  {'source':<12} reason")
-    for e in doc["entries"]:
-        rng = f"{e['start']:#018x}-{e['end'] - 1:#018x}"
-        src = e["source"] or f"({e['fate']})"
-        print(f"{rng:<37} {_human(e['end'] - e['start']):>10}  {src:<12} {e['reason']}")
+    for line in the_plan.lines():
+        print(line)
     return 0
 
 
@@ -255,7 +254,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         include=args.include,
         exclude=args.exclude,
     )
-    return _print_plan(session.build_plan(options)[0], args.json)
+    with session.build_plan(options)[0] as the_plan:
+        return _print_plan(the_plan, args.json)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

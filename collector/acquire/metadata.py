@@ -73,7 +73,7 @@ def vmcoreinfo_location(sysroot: Sysroot) -> tuple[int, int] | None:
 
 def gather(
     sysroot: Sysroot,
-    kcore_vmcoreinfo: bytes | None,
+    kcore_vmcoreinfo: str | bytes | None,
     kcore_phdrs: bytes | None,
     read_phys: Callable[[int, int], bytes] | None,
 ) -> Gathered:
@@ -92,6 +92,8 @@ def gather(
     else:
         out.missing["kcore-phdrs"] = "/proc/kcore was not opened"
     if kcore_vmcoreinfo:
+        if isinstance(kcore_vmcoreinfo, str):
+            kcore_vmcoreinfo = kcore_vmcoreinfo.encode()
         out.blobs["vmcoreinfo"] = kcore_vmcoreinfo
         return out
     where = vmcoreinfo_location(sysroot)

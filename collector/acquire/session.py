@@ -21,15 +21,12 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import collector
-from collector.acquire import capture, host, iomem, metadata, sources
+from collector.acquire import capture, host, iomem, metadata
 from collector.acquire import plan as planning
 from collector.errors import CollectorError
 from collector.image import format as fmt
 from collector.image.writer import ImageWriter, OutputError
 from collector.sysroot import Sysroot
-
-#: x86_64 base pages; every profile so far uses 4 KiB.
-PAGE_SIZE = 4096
 
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -134,16 +131,13 @@ def run(options: CaptureOptions, on_progress: Callable | None = None) -> tuple[d
     started = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()
     the_plan, iomem_text = build_plan(options)
-    opened: dict[str, sources.Source] = {}
-    try:
-        for name in sorted({e.source for e in the_plan.entries if e.source}):
-            opened[name] = sources.open_source(name, root)
-        kcore = opened.get("/proc/kcore")
+    with the_plan:
+        kcore = the_plan.kcore
         gathered = metadata.gather(
             root,
-            getattr(kcore, "vmcoreinfo", None),
-            getattr(kcore, "phdr_bytes", None),
-            lambda paddr, size: _read_phys(the_plan, opened, paddr, size),
+            kcore.vmcoreinfo if kcore else None,
+            kcore.phdr_bytes if kcore else None,
+            lambda paddr, size: _read_phys(the_plan, paddr, size),
         )
         meta = _header_metadata(options, root, the_plan, iomem_text, gathered, started)
         path = options.output or default_output_name(root)
@@ -152,7 +146,7 @@ def run(options: CaptureOptions, on_progress: Callable | None = None) -> tuple[d
         try:
             writer = ImageWriter(
                 out,
-                page_size=PAGE_SIZE,
+                page_size=the_plan.page_size,
                 chunk_size=options.chunk_size,
                 metadata=meta,
                 level=options.level,
@@ -162,7 +156,7 @@ def run(options: CaptureOptions, on_progress: Callable | None = None) -> tuple[d
                 for name, data in gathered.blobs.items():
                     writer.add_blob(name, data)
                 result = capture.run_capture(
-                    the_plan, opened, writer, stop=stop, on_progress=on_progress
+                    the_plan, the_plan.sources, writer, stop=stop, on_progress=on_progress
                 )
                 end = {
                     "end_time": dt.datetime.now(dt.UTC).isoformat(),
@@ -177,19 +171,16 @@ def run(options: CaptureOptions, on_progress: Callable | None = None) -> tuple[d
             ) from None
         finally:
             out.close()
-    finally:
-        for s in opened.values():
-            s.close()
     summary.update(record)
     summary["missing_metadata"] = gathered.missing
     status = EXIT_SIGNAL.get(stop.signum, 1) if result.stopped_by else 0
     return summary, status
 
 
-def _read_phys(the_plan: planning.Plan, opened: dict, paddr: int, size: int) -> bytes:
+def _read_phys(the_plan: planning.Plan, paddr: int, size: int) -> bytes:
     for entry in the_plan.entries:
         if entry.source and not entry.kernel_zero and entry.start <= paddr < entry.end:
-            return opened[entry.source].read(paddr, size)
+            return the_plan.source(entry.source).read(paddr, size)
     raise OSError(5, "no planned source covers this address")
 
 
@@ -214,7 +205,7 @@ def _header_metadata(
         "iomem": iomem_text,
         "plan": the_plan.to_json(),
         "ranges": [[r.start, r.end] for r in the_plan.ram_ranges],
-        "page_size": PAGE_SIZE,
+        "page_size": the_plan.page_size,
         "chunk_size": options.chunk_size,
         "compression": {"level": options.level, "threads": options.threads or os.cpu_count()},
         "blobs": sorted(gathered.blobs),
