@@ -1,0 +1,520 @@
+"""The files physical memory is read from: /dev/mem, /proc/kcore and RHEL's /dev/crash.
+
+Every read is a ``pread`` on an ``O_RDONLY`` descriptor, never ``mmap``: a mapping of device
+memory can hang the machine, and a failed ``pread`` returns the kernel's errno instead of
+killing the process with SIGBUS.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import os
+import struct
+from collections import defaultdict
+from dataclasses import dataclass
+
+from collector.acquire.host import as_sysroot, kernel_config, lockdown_state
+from collector.acquire.iomem import U64_MAX, Range, parse_iomem, system_ram
+from collector.errors import CollectorError
+from collector.sysroot import Sysroot
+
+DEV_MEM = "/dev/mem"
+PROC_KCORE = "/proc/kcore"
+DEV_CRASH = "/dev/crash"
+SOURCE_NAMES = (DEV_MEM, PROC_KCORE, DEV_CRASH)
+
+LOFF_MAX = (1 << 63) - 1
+PT_LOAD = 1
+PT_NOTE = 4
+ET_CORE = 4
+ELF64_EHDR_SIZE = 64
+ELF64_PHDR_SIZE = 56
+PN_XNUM = 0xFFFF
+# A real kcore header is a few KiB (one PT_LOAD per RAM range, plus text, vmalloc, modules
+# and vmemmap); these bounds only stop a corrupt file from driving huge allocations.
+MAX_PHDR_TABLE = 16 << 20
+MAX_NOTES = 4 << 20
+# The number of old-layout page_offset_base candidates scored before giving up.
+MAX_OFFSET_CANDIDATES = 4096
+
+
+def errno_name(code: int) -> str:
+    """``EPERM`` for 1, and so on; ``errno N`` for codes Python does not name."""
+    return errno.errorcode.get(code, f"errno {code}")
+
+
+def pread_exact(fd: int, size: int, offset: int, what: str = "") -> bytes:
+    """Read exactly ``size`` bytes at ``offset``, looping over short reads.
+
+    :raises OSError: with the kernel's errno; ``EIO`` when the file ends first.
+    """
+    if offset < 0 or size < 0 or offset + size - (1 if size else 0) > LOFF_MAX:
+        raise OSError(errno.EINVAL, f"offset {offset:#x} is beyond what pread can address")
+    first = os.pread(fd, size, offset)
+    if len(first) == size:
+        return first
+    parts = [first]
+    got = len(first)
+    while got < size:
+        if not parts[-1]:
+            raise OSError(errno.EIO, f"short read: {what} ends at {offset + got:#x}")
+        chunk = os.pread(fd, size - got, offset + got)
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+class Source:
+    """A file that serves physical memory.
+
+    :param sysroot: the root the path is looked up under (``/`` on a live machine).
+    :raises OSError: when the file cannot be opened (use :func:`open_source` for one-line
+        errors).
+    """
+
+    #: The absolute path of the file, which is also the source's name in a plan.
+    name: str = ""
+
+    def __init__(self, sysroot: Sysroot | str | os.PathLike[str] = "/") -> None:
+        self.sysroot = as_sysroot(sysroot)
+        self.path = self.sysroot.path(self.name)
+        self.page_size = 4096
+        self._fd: int | None = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self.name} is closed")
+        return self._fd
+
+    def file_offset(self, paddr: int) -> int:
+        """The file offset holding physical address ``paddr``."""
+        return paddr
+
+    def read(self, paddr: int, size: int) -> bytes:
+        """Exactly ``size`` bytes of physical memory from ``paddr``.
+
+        :raises OSError: with the kernel's errno (EPERM, EFAULT, EIO...). One failed page fails
+            the whole call; :meth:`read_pages` tells pages apart.
+        """
+        return pread_exact(self.fd, size, self.file_offset(paddr), self.name)
+
+    def read_pages(self, paddr: int, size: int) -> tuple[bytes, dict[int, int]]:
+        """Read ``size`` bytes, falling back to one page at a time when the whole read fails.
+
+        :returns: the bytes (failed pages zero-filled) and ``{page address: errno}`` for every
+            page that failed.
+        """
+        try:
+            return self.read(paddr, size), {}
+        except OSError:
+            pass
+        out = bytearray()
+        failed: dict[int, int] = {}
+        pos, end = paddr, paddr + size
+        while pos < end:
+            page = pos - pos % self.page_size
+            stop = min(page + self.page_size, end)
+            try:
+                out += self.read(pos, stop - pos)
+            except OSError as exc:
+                failed[page] = exc.errno or errno.EIO
+                out += bytes(stop - pos)
+            pos = stop
+        return bytes(out), failed
+
+    def coverage(self, start: int, end: int) -> list[Range]:
+        """The sub-ranges of ``[start, end)`` this source can serve, in address order."""
+        return [Range(start, end)] if start < end else []
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path}>"
+
+
+class DevMem(Source):
+    """/dev/mem: the file offset is the physical address.
+
+    Every page is "covered": the kernel decides page by page (drivers/char/mem.c
+    read_mem()). With CONFIG_STRICT_DEVMEM, x86's devmem_is_allowed() refuses RAM above
+    1 MiB (EPERM) and returns zeros for RAM below it. A read that meets one refused page
+    fails as a whole, without a partial count.
+    """
+
+    name = DEV_MEM
+
+
+class DevCrash(Source):
+    """RHEL's /dev/crash (drivers/char/crash.c): the file offset is the physical address.
+
+    crash_read() serves one page per call (EINVAL if a read crosses a page boundary) and
+    answers EFAULT for a page frame without a struct page (pfn_valid() false). It has no
+    STRICT_DEVMEM filter: it reads any RAM the kernel has a memmap for.
+    """
+
+    name = DEV_CRASH
+
+    def read(self, paddr: int, size: int) -> bytes:
+        out = []
+        pos, end = paddr, paddr + size
+        while pos < end:
+            stop = min(pos - pos % self.page_size + self.page_size, end)
+            out.append(pread_exact(self.fd, stop - pos, pos, self.name))
+            pos = stop
+        return b"".join(out)
+
+
+@dataclass(frozen=True)
+class KcoreSegment:
+    """One PT_LOAD of /proc/kcore.
+
+    ``kind`` is ``ram`` for the direct map (the physical reads come from these), ``text``
+    for another mapping of physical memory (the kernel image), ``virtual`` for memory with no
+    physical address given (vmalloc, modules, vmemmap: ``p_paddr = -1``, or old layouts).
+    ``paddr`` is the physical address used for reads (None unless ``ram``).
+    """
+
+    index: int
+    p_offset: int
+    p_vaddr: int
+    p_paddr: int
+    p_filesz: int
+    p_memsz: int
+    kind: str
+    paddr: int | None = None
+
+    @property
+    def phys_range(self) -> Range | None:
+        if self.paddr is None:
+            return None
+        return Range(self.paddr, self.paddr + self.p_filesz)
+
+
+@dataclass(frozen=True)
+class ElfNote:
+    """One ELF note: ``name`` without its NUL, ``type``, ``desc`` bytes."""
+
+    name: str
+    type: int
+    desc: bytes
+
+
+class Kcore(Source):
+    """/proc/kcore: an ELF core of kernel virtual memory, read here as physical memory.
+
+    The physical address of a direct-map segment comes from ``p_paddr``. Since Linux 4.11
+    (commit 464920104bf7, "/proc/kcore: update physical address for kcore ram and text")
+    KCORE_RAM and KCORE_TEXT segments carry their physical address and every other segment
+    ``p_paddr = -1``. Before it, every ``p_paddr`` was 0; then the direct-map offset
+    (page_offset_base) is found from System RAM: kcore's RAM segments are the iomem System RAM
+    ranges trimmed to whole pages (walk_system_ram_range()), so the offset is the one that
+    maps the most segments exactly onto trimmed System RAM, the lowest on a tie.
+
+    :param ram: System RAM ranges for the old layout; read from the sysroot's /proc/iomem
+        when not given.
+    :raises CollectorError: for a malformed ELF file.
+    """
+
+    name = PROC_KCORE
+
+    def __init__(
+        self, sysroot: Sysroot | str | os.PathLike[str] = "/", ram: list[Range] | None = None
+    ) -> None:
+        super().__init__(sysroot)
+        try:
+            self._parse(ram)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- parsing ------------------------------------------------------------------------
+
+    def _bad(self, why: str) -> CollectorError:
+        return CollectorError(f"{self.name}: malformed ELF core: {why}")
+
+    def _pread(self, size: int, offset: int) -> bytes:
+        try:
+            return pread_exact(self.fd, size, offset, self.name)
+        except OSError as exc:
+            raise self._bad(f"cannot read {size} bytes at {offset:#x}: {exc.strerror}") from None
+
+    def _parse(self, ram: list[Range] | None) -> None:
+        ehdr = self._pread(ELF64_EHDR_SIZE, 0)
+        if ehdr[:4] != b"\x7fELF":
+            raise self._bad("no ELF magic")
+        if ehdr[4] != 2:
+            raise self._bad(f"EI_CLASS {ehdr[4]} is not ELFCLASS64")
+        if ehdr[5] not in (1, 2):
+            raise self._bad(f"EI_DATA {ehdr[5]} is neither little- nor big-endian")
+        self.endian = "<" if ehdr[5] == 1 else ">"
+        e = self.endian
+        e_type, self.e_machine = struct.unpack_from(e + "HH", ehdr, 16)
+        (e_phoff,) = struct.unpack_from(e + "Q", ehdr, 32)
+        e_phentsize, e_phnum = struct.unpack_from(e + "HH", ehdr, 54)
+        if e_type != ET_CORE:
+            raise self._bad(f"e_type {e_type} is not ET_CORE")
+        if e_phentsize != ELF64_PHDR_SIZE:
+            raise self._bad(f"e_phentsize {e_phentsize} is not {ELF64_PHDR_SIZE}")
+        if e_phnum == 0 or e_phnum == PN_XNUM:
+            raise self._bad(f"e_phnum {e_phnum} is not a program header count")
+        if e_phoff < ELF64_EHDR_SIZE or e_phoff + e_phnum * ELF64_PHDR_SIZE > MAX_PHDR_TABLE:
+            raise self._bad(f"program headers at {e_phoff:#x} are out of bounds")
+        table_end = e_phoff + e_phnum * ELF64_PHDR_SIZE
+        self.phdr_bytes = ehdr + self._pread(table_end - ELF64_EHDR_SIZE, ELF64_EHDR_SIZE)
+
+        loads: list[tuple[int, ...]] = []
+        note_blobs: list[bytes] = []
+        for i in range(e_phnum):
+            p_type, _flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, _align = (
+                struct.unpack_from(e + "IIQQQQQQ", self.phdr_bytes, e_phoff + i * 56)
+            )
+            if p_offset + p_filesz > LOFF_MAX:
+                raise self._bad(f"segment {i} runs past the largest file offset")
+            if p_type == PT_NOTE:
+                if p_filesz > MAX_NOTES or sum(map(len, note_blobs)) + p_filesz > MAX_NOTES:
+                    raise self._bad(f"PT_NOTE {i} is {p_filesz} bytes, more than {MAX_NOTES}")
+                note_blobs.append(self._pread(p_filesz, p_offset))
+            elif p_type == PT_LOAD:
+                if p_filesz and p_vaddr + p_filesz - 1 > U64_MAX:
+                    raise self._bad(f"segment {i} wraps the address space")
+                loads.append((i, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz))
+        self.notes = b"".join(note_blobs)
+        self.note_list = [n for blob in note_blobs for n in self._parse_notes(blob)]
+        self.vmcoreinfo: str | None = None
+        for note in self.note_list:
+            if note.name == "VMCOREINFO":
+                self.vmcoreinfo = note.desc.rstrip(b"\0").decode("utf-8", "replace")
+                break
+        if self.vmcoreinfo:
+            for line in self.vmcoreinfo.splitlines():
+                if line.startswith("PAGESIZE="):
+                    value = line[len("PAGESIZE=") :]
+                    if value.isdigit() and int(value) in (4096, 16384, 65536):
+                        self.page_size = int(value)
+        self.layout, self.page_offset_base, self.segments = self._classify(loads, ram)
+        self._phys = sorted(
+            (s for s in self.segments if s.paddr is not None and s.p_filesz),
+            key=lambda s: s.paddr or 0,
+        )
+        self._phys_starts = [s.paddr for s in self._phys]
+
+    def _parse_notes(self, blob: bytes) -> list[ElfNote]:
+        notes = []
+        pos = 0
+        e = self.endian
+        while pos + 12 <= len(blob):
+            namesz, descsz, ntype = struct.unpack_from(e + "III", blob, pos)
+            name_at = pos + 12
+            desc_at = name_at + _align4(namesz)
+            end = desc_at + _align4(descsz)
+            if desc_at + descsz > len(blob):
+                raise self._bad(f"note at {pos:#x} runs past its PT_NOTE")
+            name = blob[name_at : name_at + namesz].rstrip(b"\0").decode("ascii", "replace")
+            notes.append(ElfNote(name, ntype, blob[desc_at : desc_at + descsz]))
+            pos = end
+        return notes
+
+    def _classify(
+        self, loads: list[tuple[int, ...]], ram: list[Range] | None
+    ) -> tuple[str, int | None, list[KcoreSegment]]:
+        if loads and all(p_paddr == 0 for _i, _o, _v, p_paddr, _f, _m in loads):
+            return self._classify_old(loads, ram)
+        totals: dict[int, int] = defaultdict(int)
+        for _i, _off, vaddr, paddr, filesz, _memsz in loads:
+            if paddr != U64_MAX:
+                totals[(vaddr - paddr) & U64_MAX] += filesz
+        base = None
+        if totals:
+            # The direct map holds all of RAM, so its offset carries the most bytes; the
+            # kernel text mapping is the only other physical one.
+            base = min(totals, key=lambda d: (-totals[d], d))
+        segments = []
+        for i, off, vaddr, paddr, filesz, memsz in loads:
+            if paddr == U64_MAX:
+                kind, phys = "virtual", None
+            elif (vaddr - paddr) & U64_MAX == base:
+                kind, phys = "ram", paddr
+            else:
+                kind, phys = "text", None
+            segments.append(KcoreSegment(i, off, vaddr, paddr, filesz, memsz, kind, phys))
+        return "p_paddr", base, segments
+
+    def _classify_old(
+        self, loads: list[tuple[int, ...]], ram: list[Range] | None
+    ) -> tuple[str, int | None, list[KcoreSegment]]:
+        if ram is None:
+            try:
+                ram = system_ram(parse_iomem(self.sysroot.read_text("/proc/iomem")))
+            except (OSError, CollectorError):
+                ram = []
+        ps = self.page_size
+        trimmed = sorted(
+            (-(-r.start // ps) * ps, r.end // ps * ps) for r in ram if r.end // ps * ps > r.start
+        )
+        trimmed = [t for t in trimmed if t[1] > t[0]]
+        starts = [a for a, _b in trimmed]
+        exact = set(trimmed)
+        by_size: dict[int, list[int]] = defaultdict(list)
+        for a, b in trimmed:
+            by_size[b - a].append(a)
+
+        def inside(phys: int, size: int) -> bool:
+            k = bisect.bisect_right(starts, phys) - 1
+            return k >= 0 and phys + size <= trimmed[k][1]
+
+        candidates: set[int] = set()
+        for _i, _off, vaddr, _paddr, filesz, _memsz in sorted(loads, key=lambda t: t[2]):
+            for a in by_size.get(filesz, ()):
+                candidates.add((vaddr - a) & U64_MAX)
+            if len(candidates) >= MAX_OFFSET_CANDIDATES:
+                break
+        best: tuple[int, int] | None = None
+        for cand in candidates:
+            score = sum(
+                1
+                for _i, _o, vaddr, _p, filesz, _m in loads
+                if ((vaddr - cand) & U64_MAX, ((vaddr - cand) & U64_MAX) + filesz) in exact
+            )
+            if best is None or (score, -cand) > (best[0], -best[1]):
+                best = (score, cand)
+        base = best[1] if best else None
+        segments = []
+        for i, off, vaddr, paddr, filesz, memsz in loads:
+            phys = None if base is None else (vaddr - base) & U64_MAX
+            if phys is not None and filesz and inside(phys, filesz):
+                segments.append(KcoreSegment(i, off, vaddr, paddr, filesz, memsz, "ram", phys))
+            else:
+                segments.append(KcoreSegment(i, off, vaddr, paddr, filesz, memsz, "virtual"))
+        return "p_paddr=0", base, segments
+
+    # -- reading ------------------------------------------------------------------------
+
+    def _segment_at(self, paddr: int) -> KcoreSegment | None:
+        k = bisect.bisect_right(self._phys_starts, paddr) - 1
+        if k >= 0:
+            seg = self._phys[k]
+            if seg.paddr is not None and paddr < seg.paddr + seg.p_filesz:
+                return seg
+        return None
+
+    def file_offset(self, paddr: int) -> int:
+        seg = self._segment_at(paddr)
+        if seg is None or seg.paddr is None:
+            raise OSError(errno.ENXIO, f"physical address {paddr:#x} is in no kcore segment")
+        return seg.p_offset + (paddr - seg.paddr)
+
+    def read(self, paddr: int, size: int) -> bytes:
+        parts = []
+        pos, end = paddr, paddr + size
+        while pos < end:
+            seg = self._segment_at(pos)
+            if seg is None or seg.paddr is None:
+                raise OSError(errno.ENXIO, f"physical address {pos:#x} is in no kcore segment")
+            stop = min(end, seg.paddr + seg.p_filesz)
+            parts.append(
+                pread_exact(self.fd, stop - pos, seg.p_offset + (pos - seg.paddr), self.name)
+            )
+            pos = stop
+        return b"".join(parts)
+
+    def coverage(self, start: int, end: int) -> list[Range]:
+        pieces: list[Range] = []
+        for seg in self._phys:
+            r = seg.phys_range
+            assert r is not None
+            part = r.intersect(Range(start, end))
+            if part is None:
+                continue
+            if pieces and part.start <= pieces[-1].end:
+                last = pieces.pop()
+                part = Range(last.start, max(last.end, part.end))
+            pieces.append(Range(part.start, part.end))
+        return pieces
+
+
+def _align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+_ALIASES = {
+    "/dev/mem": DEV_MEM,
+    "mem": DEV_MEM,
+    "/proc/kcore": PROC_KCORE,
+    "kcore": PROC_KCORE,
+    "/dev/crash": DEV_CRASH,
+    "crash": DEV_CRASH,
+}
+_CLASSES: dict[str, type[Source]] = {DEV_MEM: DevMem, PROC_KCORE: Kcore, DEV_CRASH: DevCrash}
+
+
+def canonical_source_name(name: str) -> str:
+    """``/dev/mem`` for ``mem`` or ``/dev/mem``, and so on.
+
+    :raises CollectorError: (exit status 2) for a name that is not a source.
+    """
+    try:
+        return _ALIASES[name.strip()]
+    except KeyError:
+        raise CollectorError(
+            f"unknown source {name!r}: choose /dev/mem, /proc/kcore or /dev/crash", 2
+        ) from None
+
+
+def open_source(name: str, sysroot: Sysroot | str | os.PathLike[str] | None = None) -> Source:
+    """Open a source by name (``/dev/mem``, ``/proc/kcore``, ``/dev/crash`` or ``mem``,
+    ``kcore``, ``crash``).
+
+    :raises CollectorError: with one line saying why the source cannot be used.
+    """
+    canonical = canonical_source_name(name)
+    root = as_sysroot(sysroot)
+    try:
+        return _CLASSES[canonical](root)
+    except OSError as exc:
+        raise CollectorError(f"{canonical}: {open_failure(canonical, exc, root)}") from None
+
+
+def open_failure(name: str, exc: OSError, sysroot: Sysroot) -> str:
+    """Explain why opening source ``name`` failed, in a few words."""
+    code = exc.errno or 0
+    tag = errno_name(code)
+    if code == errno.ENOENT:
+        hint = _config_hint(name, sysroot)
+        return f"not present on this kernel ({tag}{hint})"
+    if code in (errno.ENXIO, errno.ENODEV):
+        return f"no driver behind the device node ({tag})"
+    if code in (errno.EPERM, errno.EACCES):
+        state = lockdown_state(sysroot)
+        # security/lockdown: /dev/mem is LOCKDOWN_DEV_MEM (integrity level), /proc/kcore is
+        # LOCKDOWN_KCORE (confidentiality level); /dev/crash checks only CAP_SYS_RAWIO.
+        blocked = {DEV_MEM: ("integrity", "confidentiality"), PROC_KCORE: ("confidentiality",)}
+        if state in blocked.get(name, ()):
+            return f"refused by lockdown ({state})"
+        if sysroot.is_live and os.geteuid() != 0:
+            return f"needs root (CAP_SYS_RAWIO) ({tag})"
+        return (
+            f"refused ({tag}): the process lacks CAP_SYS_RAWIO, or the kernel forbids it "
+            "(an encrypted-memory guest)"
+        )
+    return f"cannot open ({tag}: {exc.strerror})"
+
+
+def _config_hint(name: str, sysroot: Sysroot) -> str:
+    option = {DEV_MEM: "CONFIG_DEVMEM", PROC_KCORE: "CONFIG_PROC_KCORE"}.get(name)
+    if name == DEV_CRASH:
+        return "; the crash driver is not loaded"
+    found = kernel_config(sysroot) if option else None
+    if found and found[0].get(option) == "n":
+        return f"; {option} is not set"
+    return ""
