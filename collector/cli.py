@@ -204,10 +204,12 @@ def cmd_capture(args: argparse.Namespace, argv: list[str]) -> int:
     finally:
         if bar:
             bar.close()
+    # With the image on stdout, the summary must not land inside it.
+    report = sys.stderr if args.output == "-" else sys.stdout
     if args.json:
-        print(json.dumps(summary, indent=2, sort_keys=True))
+        print(json.dumps(summary, indent=2, sort_keys=True), file=report)
     else:
-        _print_summary(summary)
+        _print_summary(summary, report)
     return status
 
 
@@ -225,19 +227,21 @@ def _print_plan(the_plan, as_json: bool) -> int:
     return 0
 
 
-def _print_summary(s: dict) -> None:
+def _print_summary(s: dict, out=sys.stdout) -> None:
     pages = s.get("pages", {})
     state = "complete" if s.get("clean") else f"INCOMPLETE ({s.get('stopped_by')})"
-    print(f"image: {s['output']} ({state})")
-    print(f"chunks: {s.get('chunks')}  stream: {_human(s.get('stream_bytes', 0))}")
-    print("pages: " + ", ".join(f"{k} {v}" for k, v in pages.items()))
+    lines = [
+        f"image: {s['output']} ({state})",
+        f"chunks: {s.get('chunks')}  stream: {_human(s.get('stream_bytes', 0))}",
+        "pages: " + ", ".join(f"{k} {v}" for k, v in pages.items()),
+    ]
     if s.get("unreadable_errnos"):
         errs = ", ".join(f"{os.strerror(int(k))} x{v}" for k, v in s["unreadable_errnos"].items())
-        print(f"unreadable: {errs}")
-    if s.get("missing_metadata"):
-        for k, v in s["missing_metadata"].items():
-            print(f"metadata missing: {k}: {v}")
-    print(f"sha256 of `zstd -dc`: {s.get('stream_sha256')}")
+        lines.append(f"unreadable: {errs}")
+    for k, v in (s.get("missing_metadata") or {}).items():
+        lines.append(f"metadata missing: {k}: {v}")
+    lines.append(f"sha256 of `zstd -dc`: {s.get('stream_sha256')}")
+    print("\n".join(lines), file=out)
 
 
 # -- image commands -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import os
 import platform
 import signal
@@ -69,11 +70,12 @@ def open_output(path: str, force: bool) -> BinaryIO:
     flags |= os.O_TRUNC if force else os.O_EXCL
     try:
         fd = os.open(path, flags, 0o600)
-    except FileExistsError:
-        raise CollectorError(f"{path} already exists; use --force to overwrite it") from None
     except OSError as e:
-        if e.errno == 40:  # ELOOP: the path is a symlink
+        # O_EXCL meets a planted symlink as EEXIST, O_NOFOLLOW (with --force) as ELOOP.
+        if os.path.islink(path):
             raise CollectorError(f"{path} is a symbolic link; refusing to follow it") from None
+        if e.errno == errno.EEXIST:
+            raise CollectorError(f"{path} already exists; use --force to overwrite it") from None
         raise CollectorError(f"cannot create {path}: {e.strerror}") from None
     return open(fd, "wb", buffering=0)
 
