@@ -93,6 +93,15 @@ def read_chunk(
         overlapping the chunk, in address order.
     :returns: the chunk's bytes (zero wherever a page was not read) and its fate runs.
     """
+    large_failed = False
+    if len(entries) == 1:
+        only = entries[0]
+        if only.source and not only.kernel_zero and only.start <= paddr and end <= only.end:
+            # The common case: one source for the whole chunk, read without a copy.
+            try:
+                return sources[only.source].read(paddr, end - paddr), []
+            except OSError:
+                large_failed = True
     buf = bytearray(end - paddr)
     fates = _Fates(paddr, end - paddr, page_size)
     covered = paddr
@@ -108,6 +117,8 @@ def read_chunk(
             continue
         source = sources[entry.source]
         try:
+            if large_failed:
+                raise OSError("the large read of this chunk already failed")
             buf[start - paddr : stop - paddr] = source.read(start, stop - start)
             pieces = [(start, stop)]
         except OSError:
