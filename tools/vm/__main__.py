@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_try(args: argparse.Namespace) -> int:
     output_dir = Path(args.output).resolve()
-    if not output_dir.is_dir():
-        raise CollectorError(f"--output {output_dir} is not a directory", 2)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CollectorError(f"--output {output_dir}: {e.strerror}", 2) from None
     extra = [a for a in args.collect_args if a != "--"]
     with Guest(kernel=args.kernel, memory_mib=args.memory, cpu=args.cpu) as guest:
         assert guest.kernel is not None
