@@ -14,6 +14,14 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import NamedTuple, Protocol
 
+from collector.elf import (
+    NO_PADDR,
+    PT_LOAD,
+    ElfError,
+    PhdrLimits,
+    parse_elf_header,
+    parse_program_headers,
+)
 from collector.errors import CollectorError, ImageError
 from collector.kernel.vmcoreinfo import VmcoreInfo
 from collector.memory import PageNotCaptured, PhysicalMemory
@@ -37,7 +45,6 @@ _PRESENT = 1 << 0
 _PSE = 1 << 7  # _PAGE_PSE: a 1 GiB page in a PDPT entry, a 2 MiB page in a PD entry
 _MAX_PHYS = 1 << 52
 _U64 = (1 << 64) - 1
-_NO_PADDR = _U64  # kcore's p_paddr for segments with no physical address
 
 # (level name, shift of the virtual-address bits that index it), top level first.
 _LEVELS = {
@@ -236,31 +243,22 @@ class KcoreSegment:
 def parse_kcore_phdrs(data: bytes, max_phdrs: int = 65535) -> list[KcoreSegment]:
     """Read the PT_LOAD program headers from /proc/kcore's ELF header bytes (``kcore-phdrs``).
 
-    :raises ImageError: not a little-endian ELF64 header, or the table is cut short.
+    The bytes are checked as /proc/kcore itself is (:class:`collector.acquire.sources.Kcore`),
+    except that the byte order must be little-endian and ``e_type`` is not looked at.
+
+    :raises ImageError: not a little-endian ELF64 header, no program header count, or the
+        table is cut short.
     """
-    if len(data) < 64 or data[:4] != b"\x7fELF":
-        raise ImageError("kcore-phdrs does not start with an ELF header")
-    if data[4] != 2 or data[5] != 1:
-        raise ImageError("kcore-phdrs is not a little-endian 64-bit ELF header")
-    (phoff,) = struct.unpack_from("<Q", data, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
-    if phentsize != 56:
-        raise ImageError(f"kcore-phdrs program header size is {phentsize}, not 56")
-    if phnum > max_phdrs:
-        raise ImageError(f"kcore-phdrs claims {phnum} program headers")
-    if phoff + phnum * 56 > len(data):
-        raise ImageError(
-            f"kcore-phdrs is cut short: {phnum} headers at {phoff} need"
-            f" {phoff + phnum * 56} bytes, have {len(data)}"
-        )
-    segments = []
-    for i in range(phnum):
-        p_type, _flags, _off, vaddr, paddr, _filesz, memsz, _align = struct.unpack_from(
-            "<IIQQQQQQ", data, phoff + i * 56
-        )
-        if p_type == 1:  # PT_LOAD
-            segments.append(KcoreSegment(vaddr, None if paddr == _NO_PADDR else paddr, memsz))
-    return segments
+    try:
+        header = parse_elf_header(data)
+        phdrs = parse_program_headers(data, header, PhdrLimits(max_phnum=max_phdrs))
+    except ElfError as exc:
+        raise ImageError(f"kcore-phdrs: {exc}") from None
+    return [
+        KcoreSegment(ph.p_vaddr, None if ph.p_paddr == NO_PADDR else ph.p_paddr, ph.p_memsz)
+        for ph in phdrs
+        if ph.p_type == PT_LOAD
+    ]
 
 
 def _direct_map_from_kcore(segments: list[KcoreSegment]) -> int | None:

@@ -7,10 +7,10 @@ the capture goes on.
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from collector.elf import vmcoreinfo_from_note_bytes
 from collector.sysroot import Sysroot
 
 #: Blobs read from files: image name -> live path.
@@ -22,8 +22,6 @@ FILE_BLOBS = {
     "cpuinfo": "/proc/cpuinfo",
     "iomem": "/proc/iomem",
 }
-
-_NOTE = struct.Struct("<III")
 
 
 @dataclass
@@ -47,16 +45,7 @@ class Gathered:
 
 def parse_vmcoreinfo_note(note: bytes) -> bytes | None:
     """The text of an ELF note named ``VMCOREINFO``, or None if ``note`` is not one."""
-    if len(note) < _NOTE.size:
-        return None
-    namesz, descsz, _ = _NOTE.unpack_from(note)
-    name_end = _NOTE.size + namesz
-    desc_start = _NOTE.size + (namesz + 3) // 4 * 4
-    if note[_NOTE.size : name_end].rstrip(b"\0") != b"VMCOREINFO":
-        return None
-    if desc_start + descsz > len(note):
-        return None
-    return note[desc_start : desc_start + descsz]
+    return vmcoreinfo_from_note_bytes(note)
 
 
 def vmcoreinfo_location(sysroot: Sysroot) -> tuple[int, int] | None:

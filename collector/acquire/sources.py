@@ -10,12 +10,27 @@ from __future__ import annotations
 import bisect
 import errno
 import os
-import struct
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
+from typing import NoReturn
 
 from collector.acquire.host import as_sysroot, kernel_config, lockdown_state
 from collector.acquire.iomem import U64_MAX, Range, parse_iomem, system_ram
+from collector.elf import (
+    ET_CORE,
+    PT_LOAD,
+    PT_NOTE,
+    VMCOREINFO_NOTE_NAME,
+    Elf64_Ehdr,
+    ElfError,
+    ElfNote,
+    PhdrLimits,
+    find_note,
+    iter_notes,
+    parse_elf_header,
+    parse_program_headers,
+)
 from collector.errors import CollectorError
 from collector.sysroot import Sysroot
 
@@ -25,16 +40,11 @@ DEV_CRASH = "/dev/crash"
 SOURCE_NAMES = (DEV_MEM, PROC_KCORE, DEV_CRASH)
 
 LOFF_MAX = (1 << 63) - 1
-PT_LOAD = 1
-PT_NOTE = 4
-ET_CORE = 4
-ELF64_EHDR_SIZE = 64
-ELF64_PHDR_SIZE = 56
-PN_XNUM = 0xFFFF
 # A real kcore header is a few KiB (one PT_LOAD per RAM range, plus text, vmalloc, modules
-# and vmemmap); these bounds only stop a corrupt file from driving huge allocations.
-MAX_PHDR_TABLE = 16 << 20
-MAX_NOTES = 4 << 20
+# and vmemmap); these bounds only stop a corrupt file from driving huge allocations. The
+# table must end within the first 16 MiB, as kcore's file size says nothing about it.
+KCORE_LIMITS = PhdrLimits(max_table=16 << 20)
+MAX_NOTE_BYTES = 4 << 20
 # The number of old-layout page_offset_base candidates scored before giving up.
 MAX_OFFSET_CANDIDATES = 4096
 
@@ -201,15 +211,6 @@ class KcoreSegment:
         return Range(self.paddr, self.paddr + self.p_filesz)
 
 
-@dataclass(frozen=True)
-class ElfNote:
-    """One ELF note: ``name`` without its NUL, ``type``, ``desc`` bytes."""
-
-    name: str
-    type: int
-    desc: bytes
-
-
 class Kcore(Source):
     """/proc/kcore: an ELF core of kernel virtual memory, read here as physical memory.
 
@@ -250,52 +251,45 @@ class Kcore(Source):
             raise self._bad(f"cannot read {size} bytes at {offset:#x}: {exc.strerror}") from None
 
     def _parse(self, ram: list[Range] | None) -> None:
-        ehdr = self._pread(ELF64_EHDR_SIZE, 0)
-        if ehdr[:4] != b"\x7fELF":
-            raise self._bad("no ELF magic")
-        if ehdr[4] != 2:
-            raise self._bad(f"EI_CLASS {ehdr[4]} is not ELFCLASS64")
-        if ehdr[5] not in (1, 2):
-            raise self._bad(f"EI_DATA {ehdr[5]} is neither little- nor big-endian")
-        self.endian = "<" if ehdr[5] == 1 else ">"
-        e = self.endian
-        e_type, self.e_machine = struct.unpack_from(e + "HH", ehdr, 16)
-        (e_phoff,) = struct.unpack_from(e + "Q", ehdr, 32)
-        e_phentsize, e_phnum = struct.unpack_from(e + "HH", ehdr, 54)
-        if e_type != ET_CORE:
-            raise self._bad(f"e_type {e_type} is not ET_CORE")
-        if e_phentsize != ELF64_PHDR_SIZE:
-            raise self._bad(f"e_phentsize {e_phentsize} is not {ELF64_PHDR_SIZE}")
-        if e_phnum == 0 or e_phnum == PN_XNUM:
-            raise self._bad(f"e_phnum {e_phnum} is not a program header count")
-        if e_phoff < ELF64_EHDR_SIZE or e_phoff + e_phnum * ELF64_PHDR_SIZE > MAX_PHDR_TABLE:
-            raise self._bad(f"program headers at {e_phoff:#x} are out of bounds")
-        table_end = e_phoff + e_phnum * ELF64_PHDR_SIZE
-        self.phdr_bytes = ehdr + self._pread(table_end - ELF64_EHDR_SIZE, ELF64_EHDR_SIZE)
+        ehdr = self._pread(Elf64_Ehdr.size, 0)
+        self.phdr_bytes = ehdr
+        try:
+            # kcore is big-endian on big-endian machines (s390x).
+            header = parse_elf_header(ehdr, big_endian=True)
+            if header.e_type != ET_CORE:
+                raise ElfError(f"e_type {header.e_type} is not ET_CORE")
+            phdrs = parse_program_headers(self._read_headers, header, KCORE_LIMITS)
+        except ElfError as exc:
+            raise self._bad(str(exc)) from None
+        self.endian = header.endian
+        self.e_machine = header.e_machine
 
         loads: list[tuple[int, ...]] = []
-        note_blobs: list[bytes] = []
-        for i in range(e_phnum):
-            p_type, _flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, _align = (
-                struct.unpack_from(e + "IIQQQQQQ", self.phdr_bytes, e_phoff + i * 56)
-            )
-            if p_offset + p_filesz > LOFF_MAX:
+        note_blobs: list[tuple[int, bytes]] = []
+        note_bytes = 0
+        for i, ph in enumerate(phdrs):
+            if ph.p_offset + ph.p_filesz > LOFF_MAX:
                 raise self._bad(f"segment {i} runs past the largest file offset")
-            if p_type == PT_NOTE:
-                if p_filesz > MAX_NOTES or sum(map(len, note_blobs)) + p_filesz > MAX_NOTES:
-                    raise self._bad(f"PT_NOTE {i} is {p_filesz} bytes, more than {MAX_NOTES}")
-                note_blobs.append(self._pread(p_filesz, p_offset))
-            elif p_type == PT_LOAD:
-                if p_filesz and p_vaddr + p_filesz - 1 > U64_MAX:
+            if ph.p_type == PT_NOTE:
+                note_bytes += ph.p_filesz
+                if note_bytes > MAX_NOTE_BYTES:
+                    raise self._bad(
+                        f"PT_NOTE {i} is {ph.p_filesz} bytes, more than {MAX_NOTE_BYTES}"
+                    )
+                note_blobs.append((i, self._pread(ph.p_filesz, ph.p_offset)))
+            elif ph.p_type == PT_LOAD:
+                if ph.p_filesz and ph.p_vaddr + ph.p_filesz - 1 > U64_MAX:
                     raise self._bad(f"segment {i} wraps the address space")
-                loads.append((i, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz))
-        self.notes = b"".join(note_blobs)
-        self.note_list = [n for blob in note_blobs for n in self._parse_notes(blob)]
+                loads.append((i, ph.p_offset, ph.p_vaddr, ph.p_paddr, ph.p_filesz, ph.p_memsz))
+        self.notes = b"".join(blob for _i, blob in note_blobs)
+        self.note_list: list[ElfNote] = []
+        for i, blob in note_blobs:
+            overrun = partial(self._note_overrun, i)
+            self.note_list += iter_notes(blob, problem=overrun, endian=self.endian)
         self.vmcoreinfo: str | None = None
-        for note in self.note_list:
-            if note.name == "VMCOREINFO":
-                self.vmcoreinfo = note.desc.rstrip(b"\0").decode("utf-8", "replace")
-                break
+        note = find_note(self.note_list, VMCOREINFO_NOTE_NAME)
+        if note is not None:
+            self.vmcoreinfo = note.desc.rstrip(b"\0").decode("utf-8", "replace")
         if self.vmcoreinfo:
             for line in self.vmcoreinfo.splitlines():
                 if line.startswith("PAGESIZE="):
@@ -309,21 +303,17 @@ class Kcore(Source):
         )
         self._phys_starts = [s.paddr for s in self._phys]
 
-    def _parse_notes(self, blob: bytes) -> list[ElfNote]:
-        notes = []
-        pos = 0
-        e = self.endian
-        while pos + 12 <= len(blob):
-            namesz, descsz, ntype = struct.unpack_from(e + "III", blob, pos)
-            name_at = pos + 12
-            desc_at = name_at + _align4(namesz)
-            end = desc_at + _align4(descsz)
-            if desc_at + descsz > len(blob):
-                raise self._bad(f"note at {pos:#x} runs past its PT_NOTE")
-            name = blob[name_at : name_at + namesz].rstrip(b"\0").decode("ascii", "replace")
-            notes.append(ElfNote(name, ntype, blob[desc_at : desc_at + descsz]))
-            pos = end
-        return notes
+    def _read_headers(self, offset: int, size: int) -> bytes:
+        """Read the program header table (which follows the ELF header), keeping everything
+        from the start of the file to its end as :attr:`phdr_bytes`: the ``kcore-phdrs``
+        blob."""
+        ehdr = self.phdr_bytes
+        self.phdr_bytes = ehdr + self._pread(offset + size - len(ehdr), len(ehdr))
+        return self.phdr_bytes[offset:]
+
+    def _note_overrun(self, index: int, message: str) -> NoReturn:
+        # Unlike a core file's, the running kernel's notes are never cut: damage is fatal.
+        raise self._bad(f"a note runs past its PT_NOTE {index}: {message}")
 
     def _classify(
         self, loads: list[tuple[int, ...]], ram: list[Range] | None
@@ -441,10 +431,6 @@ class Kcore(Source):
                 part = Range(last.start, max(last.end, part.end))
             pieces.append(Range(part.start, part.end))
         return pieces
-
-
-def _align4(n: int) -> int:
-    return (n + 3) & ~3
 
 
 _ALIASES = {

@@ -6,55 +6,74 @@ from __future__ import annotations
 
 import bisect
 import os
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
+from collector.elf import (
+    ELFMAG,
+    EM_X86_64,
+    ET_CORE,
+    MAX_NOTES,
+    NO_PADDR,
+    PF_R,
+    PF_W,
+    PF_X,
+    PN_XNUM,
+    PT_LOAD,
+    PT_NOTE,
+    VMCOREINFO_NOTE_NAME,
+    Elf64_Ehdr,
+    Elf64_Nhdr,
+    Elf64_Phdr,
+    Elf64_Shdr,
+    ElfError,
+    ElfNote,
+    PhdrLimits,
+    find_note,
+    parse_elf_header,
+    parse_notes,
+    parse_program_headers,
+)
 from collector.errors import ImageError
 from collector.image.raw import RawFile
 from collector.memory import Fate, PageFate, PageNotCaptured
 
-# include/uapi/linux/elf.h
-ELFMAG = b"\x7fELF"
-ELFCLASS64 = 2
-ELFDATA2LSB = 1
-ET_CORE = 4
-PT_LOAD = 1
-PT_NOTE = 4
-PN_XNUM = 0xFFFF
-EM_X86_64 = 62
-PF_X, PF_W, PF_R = 1, 2, 4
-VMCOREINFO_NOTE_NAME = "VMCOREINFO"
+# The ELF names are defined in collector.elf; they stay importable from here.
+__all__ = [
+    "ELFMAG",
+    "EM_X86_64",
+    "ET_CORE",
+    "MAX_NOTES",
+    "MAX_NOTE_BYTES",
+    "NO_PADDR",
+    "PF_R",
+    "PF_W",
+    "PF_X",
+    "PN_XNUM",
+    "PT_LOAD",
+    "PT_NOTE",
+    "VMCOREINFO_NOTE_NAME",
+    "Elf64_Ehdr",
+    "Elf64_Nhdr",
+    "Elf64_Phdr",
+    "Elf64_Shdr",
+    "ElfCore",
+    "ElfNote",
+    "ElfSegment",
+    "VirtualPageNotCaptured",
+    "parse_notes",
+]
 
-Elf64_Ehdr = struct.Struct("<16sHHIQQQIHHHHHH")  # 64 bytes
-Elf64_Phdr = struct.Struct(
-    "<IIQQQQQQ"
-)  # 56 bytes: p_type p_flags p_offset p_vaddr p_paddr p_filesz p_memsz p_align
-Elf64_Shdr = struct.Struct("<IIQQQQIIQQ")  # 64 bytes
-Elf64_Nhdr = struct.Struct("<III")  # n_namesz n_descsz n_type
-
-#: kcore sets p_paddr to this for segments with no physical address (vmalloc, modules, vmemmap).
-NO_PADDR = 0xFFFFFFFFFFFFFFFF
 _U64 = 1 << 64
-#: Far more program headers than any real core has; a header claiming more is hostile.
-MAX_PHNUM = 1 << 20
-MAX_PHDR_TABLE = 64 << 20
+#: Core files may carry PN_XNUM and program headers longer than Elf64_Phdr.
+CORE_LIMITS = PhdrLimits(pn_xnum=True, exact_phentsize=False)
 MAX_NOTE_BYTES = 64 << 20
-MAX_NOTES = 1 << 16
 #: Problems listed one by one; beyond this they are only counted.
 MAX_PROBLEMS = 100
 #: x86-64 __PAGE_OFFSET before KASLR of the direct map (4-level paging, 64 TiB direct map).
 X86_64_PAGE_OFFSET_L4 = 0xFFFF880000000000
 X86_64_DIRECT_MAP_SIZE_L4 = 1 << 46
-
-
-class ElfNote(NamedTuple):
-    """One ELF note: its name without the NUL, its type and its descriptor bytes."""
-
-    name: str
-    type: int
-    desc: bytes
 
 
 @dataclass(frozen=True)
@@ -95,44 +114,6 @@ class VirtualPageNotCaptured(PageNotCaptured):
     def __init__(self, vaddr: int, fate: Fate) -> None:
         super().__init__(vaddr, fate)
         self.args = (f"virtual address {vaddr:#x} is not in the core: {fate.label}",)
-
-
-def _align(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
-
-
-def parse_notes(
-    buf: bytes, align: int = 4, problem: Callable[[str], None] | None = None
-) -> list[ElfNote]:
-    """Parse a PT_NOTE segment's bytes into notes, bounds-checking every size.
-
-    Linux pads names and descriptors to 4 bytes in ELF64 cores too (fs/proc/kcore.c,
-    kernel/crash_core.c append_elf_note); ``align`` is 8 only for segments with p_align 8.
-    A note running past the end stops parsing and is reported through ``problem``.
-    """
-    notes: list[ElfNote] = []
-    off = 0
-    while off + Elf64_Nhdr.size <= len(buf):
-        namesz, descsz, ntype = Elf64_Nhdr.unpack_from(buf, off)
-        if namesz == 0 and descsz == 0 and ntype == 0:
-            break  # zero padding after the last note (kexec's per-CPU note buffers)
-        name_off = off + Elf64_Nhdr.size
-        desc_off = name_off + _align(namesz, align)
-        if desc_off + descsz > len(buf):
-            if problem:
-                problem(
-                    f"note at offset {off:#x} (namesz {namesz}, descsz {descsz}) runs past "
-                    "the end of its segment"
-                )
-            break
-        if len(notes) >= MAX_NOTES:
-            if problem:
-                problem(f"more than {MAX_NOTES} notes; the rest are ignored")
-            break
-        name = buf[name_off : name_off + namesz].split(b"\0", 1)[0].decode("ascii", "replace")
-        notes.append(ElfNote(name, ntype, buf[desc_off : desc_off + descsz]))
-        off = desc_off + _align(descsz, align)
-    return notes
 
 
 def _build_map(entries: list[tuple[int, ElfSegment]]) -> tuple[list[_Piece], list[_Piece]]:
@@ -203,56 +184,19 @@ class ElfCore:
     # -- parsing ------------------------------------------------------------------------------
 
     def _parse(self, direct_map_base: int | None) -> None:
-        name, size = self._file.name, self._file.size
-        head = self._file.read_at(0, Elf64_Ehdr.size)
-        if head[:4] != ELFMAG:
-            raise ImageError(f"{name}: not an ELF file")
-        if len(head) < Elf64_Ehdr.size:
-            raise ImageError(f"{name}: {size} bytes, too short for an ELF header")
-        (ident, e_type, e_machine, _ver, _entry, e_phoff, e_shoff, _flags, _ehsize,
-         e_phentsize, e_phnum, e_shentsize, _shnum, _shstrndx) = Elf64_Ehdr.unpack(head)  # fmt: skip
-        if ident[4] != ELFCLASS64:
-            raise ImageError(f"{name}: only 64-bit ELF cores are supported (EI_CLASS {ident[4]})")
-        if ident[5] != ELFDATA2LSB:
-            raise ImageError(
-                f"{name}: only little-endian ELF cores are supported (EI_DATA {ident[5]})"
-            )
-        if e_type != ET_CORE:
-            raise ImageError(f"{name}: not an ELF core file (e_type {e_type})")
-        self.e_machine = e_machine
-        phnum = e_phnum
-        if e_phnum == PN_XNUM:
-            # More than 0xfffe headers: the real count is in section header 0's sh_info.
-            if e_shentsize < Elf64_Shdr.size or e_shoff + Elf64_Shdr.size > size:
-                raise ImageError(
-                    f"{name}: e_phnum is PN_XNUM but section header 0 is not in the file"
-                )
-            phnum = Elf64_Shdr.unpack(self._file.read_at(e_shoff, Elf64_Shdr.size))[7]
-        if phnum == 0:
-            raise ImageError(f"{name}: ELF core without program headers")
-        if phnum > MAX_PHNUM:
-            raise ImageError(f"{name}: claims {phnum} program headers (more than {MAX_PHNUM})")
-        if e_phentsize < Elf64_Phdr.size:
-            raise ImageError(
-                f"{name}: program header size {e_phentsize} is below {Elf64_Phdr.size}"
-            )
-        table_size = phnum * e_phentsize
-        if table_size > MAX_PHDR_TABLE:
-            raise ImageError(f"{name}: program header table of {table_size} bytes is too large")
-        if e_phoff + table_size > size:
-            raise ImageError(
-                f"{name}: program header table ({phnum} entries at {e_phoff:#x}) runs past the "
-                f"end of the file ({size:#x} bytes)"
-            )
-        table = self._file.read_at(e_phoff, table_size)
-        for i in range(phnum):
-            p_type, _pflags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align = (
-                Elf64_Phdr.unpack_from(table, i * e_phentsize)
-            )
-            if p_type == PT_LOAD:
-                self._add_load(i, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz)
-            elif p_type == PT_NOTE:
-                self._add_notes(i, p_offset, p_filesz, p_align)
+        try:
+            header = parse_elf_header(self._file.read_at(0, Elf64_Ehdr.size))
+            if header.e_type != ET_CORE:
+                raise ElfError(f"not an ELF core file (e_type {header.e_type})")
+            phdrs = parse_program_headers(self._file.read_at, header, CORE_LIMITS, self._file.size)
+        except ElfError as e:
+            raise ImageError(f"{self._file.name}: {e}") from None
+        self.e_machine = header.e_machine
+        for i, ph in enumerate(phdrs):
+            if ph.p_type == PT_LOAD:
+                self._add_load(i, ph.p_offset, ph.p_vaddr, ph.p_paddr, ph.p_filesz, ph.p_memsz)
+            elif ph.p_type == PT_NOTE:
+                self._add_notes(i, ph.p_offset, ph.p_filesz, ph.p_align)
         self._build(direct_map_base)
         self._note_metadata()
         if self._more_problems:
@@ -431,24 +375,17 @@ class ElfCore:
         size: int,
         missing: Callable[[int, Fate], PageNotCaptured],
     ) -> bytes:
-        if size < 0:
-            raise ValueError(f"negative read size {size}")
-        out = bytearray()
-        while size > 0:
-            piece = self._locate(pieces, starts, addr)
+        def run(at: int) -> tuple[int, int]:
+            piece = self._locate(pieces, starts, at)
             if piece is None:
-                raise missing(addr, Fate.OUTSIDE)
-            fate = self._fate_in(piece, addr)
+                raise missing(at, Fate.OUTSIDE)
+            fate = self._fate_in(piece, at)
             if fate != Fate.READ:
-                raise missing(addr, fate)
-            n = min(size, piece.end - addr, piece.base + piece.seg.present - addr)
-            data = self._file.read_at(piece.seg.offset + addr - piece.base, n)
-            if len(data) != n:
-                raise ImageError(f"{self._file.name}: file shrank while reading {addr:#x}")
-            out += data
-            addr += n
-            size -= n
-        return bytes(out)
+                raise missing(at, fate)
+            end = min(piece.end, piece.base + piece.seg.present)
+            return piece.seg.offset + at - piece.base, end - at
+
+        return self._file.read_mapped(addr, size, run)
 
     def ranges(self) -> list[tuple[int, int]]:
         """Physical ranges as ``(start, end)``, end exclusive, one per segment piece."""
@@ -481,11 +418,8 @@ class ElfCore:
 
     def blob(self, name: str) -> bytes | None:
         """``vmcoreinfo``: the VMCOREINFO note's text, without trailing NULs; else None."""
-        if name == "vmcoreinfo":
-            for note in self.notes:
-                if note.name == VMCOREINFO_NOTE_NAME:
-                    return note.desc.rstrip(b"\0")
-        return None
+        note = find_note(self.notes, VMCOREINFO_NOTE_NAME) if name == "vmcoreinfo" else None
+        return None if note is None else note.desc.rstrip(b"\0")
 
     def close(self) -> None:
         self._file.close()

@@ -245,25 +245,17 @@ class LimeImage:
             return PageFate(Fate.OUTSIDE)
         return PageFate(Fate.READ if paddr < rng.start + rng.present else Fate.MISSING)
 
+    def _run(self, paddr: int) -> tuple[int, int]:
+        rng = self._locate(paddr)
+        if rng is None:
+            raise PageNotCaptured(paddr, Fate.OUTSIDE)
+        available = rng.start + rng.present
+        if paddr >= available:
+            raise PageNotCaptured(paddr, Fate.MISSING)
+        return rng.offset + paddr - rng.start, available - paddr
+
     def read(self, paddr: int, size: int) -> bytes:
-        if size < 0:
-            raise ValueError(f"negative read size {size}")
-        out = bytearray()
-        while size > 0:
-            rng = self._locate(paddr)
-            if rng is None:
-                raise PageNotCaptured(paddr, Fate.OUTSIDE)
-            available = rng.start + rng.present
-            if paddr >= available:
-                raise PageNotCaptured(paddr, Fate.MISSING)
-            n = min(size, available - paddr)
-            data = self._file.read_at(rng.offset + paddr - rng.start, n)
-            if len(data) != n:
-                raise ImageError(f"{self._file.name}: file shrank while reading {paddr:#x}")
-            out += data
-            paddr += n
-            size -= n
-        return bytes(out)
+        return self._file.read_mapped(paddr, size, self._run)
 
     def blob(self, name: str) -> bytes | None:
         return None

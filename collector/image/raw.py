@@ -6,6 +6,7 @@ import bisect
 import os
 import stat
 import threading
+from collections.abc import Callable
 from typing import BinaryIO
 
 from collector.errors import ImageError
@@ -83,6 +84,27 @@ class RawFile:
             ) from None
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def read_mapped(self, addr: int, size: int, locate: Callable[[int], tuple[int, int]]) -> bytes:
+        """Read ``size`` bytes of an address space laid out over the file, run by run.
+
+        ``locate(addr)`` gives ``(file offset of addr, bytes the file holds from there
+        without a break)``, at least 1, or raises :class:`PageNotCaptured` for an address
+        the file does not hold.
+        """
+        if size < 0:
+            raise ValueError(f"negative read size {size}")
+        out = bytearray()
+        while size > 0:
+            offset, run = locate(addr)
+            n = min(size, run)
+            data = self.read_at(offset, n)
+            if len(data) != n:
+                raise ImageError(f"{self.name}: file shrank while reading {addr:#x}")
+            out += data
+            addr += n
+            size -= n
+        return bytes(out)
+
     def close(self) -> None:
         """Close the file if it was opened here; a file object passed in stays open."""
         if self._fd is not None:
@@ -146,24 +168,16 @@ class RawImage:
             return PageFate(Fate.OUTSIDE)
         return PageFate(Fate.READ if paddr < self._file.size else Fate.MISSING)
 
+    def _run(self, paddr: int) -> tuple[int, int]:
+        span = self._locate(paddr)
+        if span is None:
+            raise PageNotCaptured(paddr, Fate.OUTSIDE)
+        if paddr >= self._file.size:
+            raise PageNotCaptured(paddr, Fate.MISSING)
+        return paddr, min(span[1], self._file.size) - paddr
+
     def read(self, paddr: int, size: int) -> bytes:
-        if size < 0:
-            raise ValueError(f"negative read size {size}")
-        out = bytearray()
-        while size > 0:
-            span = self._locate(paddr)
-            if span is None:
-                raise PageNotCaptured(paddr, Fate.OUTSIDE)
-            if paddr >= self._file.size:
-                raise PageNotCaptured(paddr, Fate.MISSING)
-            n = min(size, span[1] - paddr, self._file.size - paddr)
-            data = self._file.read_at(paddr, n)
-            if len(data) != n:
-                raise ImageError(f"{self._file.name}: file shrank while reading {paddr:#x}")
-            out += data
-            paddr += n
-            size -= n
-        return bytes(out)
+        return self._file.read_mapped(paddr, size, self._run)
 
     def blob(self, name: str) -> bytes | None:
         return None

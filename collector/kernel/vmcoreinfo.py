@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import re
-import struct
 from collections.abc import Mapping
+from typing import NoReturn
 
+from collector.elf import VMCOREINFO_NOTE_NAME, Elf64_Nhdr, find_note, iter_notes
 from collector.errors import ImageError
 from collector.memory import PageNotCaptured, PhysicalMemory
 
@@ -20,8 +21,7 @@ VMCOREINFO_BYTES = 4096
 #: Hostile input bound: no real VMCOREINFO comes near this.
 MAX_TEXT = 64 * 1024
 MAX_LINE = 1024
-NOTE_NAME = b"VMCOREINFO"
-_NOTE_HEADER = struct.Struct("<III")
+NOTE_NAME = VMCOREINFO_NOTE_NAME.encode()
 
 # KEY=VALUE with KEY either a bare word (OSRELEASE, BUILD-ID, CONFIG_X86_PAE) or
 # KIND(name) where name may carry one dot (OFFSET(page.flags)).
@@ -233,25 +233,14 @@ class VmcoreInfo:
 def find_vmcoreinfo_note(notes: bytes) -> bytes | None:
     """Return the descriptor of the first ``VMCOREINFO`` note in a run of ELF64 notes.
 
-    :raises ImageError: a note header points past the end of the bytes.
+    :raises ImageError: a note before it points past the end of the bytes.
     """
-    pos = 0
-    end = len(notes)
-    # Each note takes at least 12 bytes, so this loop ends after at most end/12 steps.
-    while pos + _NOTE_HEADER.size <= end:
-        namesz, descsz, _type = _NOTE_HEADER.unpack_from(notes, pos)
-        if namesz == 0 and descsz == 0:
-            # final_note() writes an all-zero header after the last note.
-            return None
-        name_at = pos + _NOTE_HEADER.size
-        desc_at = name_at + ((namesz + 3) & ~3)
-        next_at = desc_at + ((descsz + 3) & ~3)
-        if next_at > end:
-            raise ImageError(f"ELF note at offset {pos} runs past the end of the notes")
-        if notes[name_at : name_at + namesz].rstrip(b"\0") == NOTE_NAME:
-            return notes[desc_at : desc_at + descsz]
-        pos = next_at
-    return None
+
+    def overrun(message: str) -> NoReturn:
+        raise ImageError(f"ELF {message}")
+
+    note = find_note(iter_notes(notes, problem=overrun), VMCOREINFO_NOTE_NAME)
+    return None if note is None else note.desc
 
 
 def _metadata_paddr(metadata: Mapping) -> int | None:
@@ -313,7 +302,7 @@ def _from_note_at(memory: PhysicalMemory, paddr: int) -> VmcoreInfo | None:
     header = _read_upto(memory, paddr, 24)
     if len(header) < 24 or header[12:23] != NOTE_NAME + b"\0":
         return None
-    _namesz, descsz, _type = _NOTE_HEADER.unpack_from(header)
+    _namesz, descsz, _type = Elf64_Nhdr.unpack_from(header)
     if descsz > VMCOREINFO_BYTES:
         return None
     return _candidate(memory, paddr + 24)
