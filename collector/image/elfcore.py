@@ -11,22 +11,14 @@ from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
 from collector.elf import (
-    ELFMAG,
     EM_X86_64,
     ET_CORE,
     MAX_NOTES,
     NO_PADDR,
-    PF_R,
-    PF_W,
-    PF_X,
-    PN_XNUM,
     PT_LOAD,
     PT_NOTE,
     VMCOREINFO_NOTE_NAME,
     Elf64_Ehdr,
-    Elf64_Nhdr,
-    Elf64_Phdr,
-    Elf64_Shdr,
     ElfError,
     ElfNote,
     PhdrLimits,
@@ -38,32 +30,6 @@ from collector.elf import (
 from collector.errors import ImageError
 from collector.image.raw import RawFile
 from collector.memory import Fate, PageFate, PageNotCaptured
-
-# The ELF names are defined in collector.elf; they stay importable from here.
-__all__ = [
-    "ELFMAG",
-    "EM_X86_64",
-    "ET_CORE",
-    "MAX_NOTES",
-    "MAX_NOTE_BYTES",
-    "NO_PADDR",
-    "PF_R",
-    "PF_W",
-    "PF_X",
-    "PN_XNUM",
-    "PT_LOAD",
-    "PT_NOTE",
-    "VMCOREINFO_NOTE_NAME",
-    "Elf64_Ehdr",
-    "Elf64_Nhdr",
-    "Elf64_Phdr",
-    "Elf64_Shdr",
-    "ElfCore",
-    "ElfNote",
-    "ElfSegment",
-    "VirtualPageNotCaptured",
-    "parse_notes",
-]
 
 _U64 = 1 << 64
 #: Core files may carry PN_XNUM and program headers longer than Elf64_Phdr.

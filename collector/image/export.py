@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from collector.errors import CollectorError, ImageError
-from collector.image.elfcore import (
+from collector.elf import (
     EM_X86_64,
     ET_CORE,
     PF_R,
@@ -29,6 +28,7 @@ from collector.image.elfcore import (
     Elf64_Phdr,
     Elf64_Shdr,
 )
+from collector.errors import CollectorError, ImageError
 from collector.image.lime import write_lime_header
 from collector.memory import Fate, PageNotCaptured, PhysicalMemory
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import struct
 
+from collector.elf import ELFMAG
 from collector.errors import ImageError
-from collector.image.elfcore import ELFMAG, ElfCore
+from collector.image.elfcore import ElfCore
 from collector.image.lime import LIME_MAGIC_BYTES, LimeImage
 from collector.image.raw import RawImage
 from collector.memory import PhysicalMemory

@@ -11,8 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from collector.elf import ElfNote, parse_notes
 from collector.errors import ImageError
-from collector.image.elfcore import ElfCore, ElfNote, VirtualPageNotCaptured, parse_notes
+from collector.image.elfcore import ElfCore, VirtualPageNotCaptured
 from collector.memory import Fate, PageFate, PageNotCaptured, PhysicalMemory
 
 NO_PADDR = 0xFFFFFFFFFFFFFFFF
