@@ -327,15 +327,19 @@ def cmd_translate(args: argparse.Namespace) -> int:
         kernel = Kernel(memory)
         if args.pfn is not None:
             vaddr = kernel.pfn_to_page(args.pfn)
-            print(f"struct page for pfn {args.pfn:#x}: virtual {vaddr:#x}")
         elif args.address is None:
             raise CollectorError("give an ADDRESS or --pfn N", 2)
         else:
             vaddr = _address(kernel, args.address)
         t = kernel.translate(vaddr)
         if args.json:
-            print(json.dumps(t.to_json(), indent=2))
+            doc = t.to_json()
+            if args.pfn is not None:
+                doc["pfn"] = args.pfn
+            print(json.dumps(doc, indent=2))
             return 0
+        if args.pfn is not None:
+            print(f"struct page for pfn {args.pfn:#x}: virtual {vaddr:#x}")
         for step in t.steps:
             print(step.describe())
         print(f"{vaddr:#x} -> physical {t.paddr:#x} ({_human(t.page_size)} page)")

@@ -6,9 +6,12 @@ where a skipped vm test fails the run: CI must really boot the kernels.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -58,6 +61,62 @@ def guest(request: pytest.FixtureRequest) -> Iterator[Guest]:
         _timings.append(
             f"{vm.kernel.version}: {commands} commands in {time.monotonic() - started:.1f} s"
         )
+
+
+@dataclass
+class Capture:
+    """One `collect --profile x86_64` run inside a guest, with what the guest and QEMU showed.
+
+    ``facts`` holds the guest's own files copied right before the capture (iomem, kallsyms,
+    BTF, vmcoreinfo location, uname, btime); ``qemu`` holds QEMU's pmemsave of the guest's
+    "Kernel code" and "Kernel rodata" ranges, taken right after the capture.
+    """
+
+    guest: Guest
+    image: Path
+    summary: dict
+    iomem: str
+    facts: Path
+    qemu: dict[str, tuple[int, int, bytes]]
+
+    def fact(self, name: str) -> bytes:
+        return (self.facts / name).read_bytes()
+
+
+def iomem_entries(text: str, name: str) -> list[tuple[int, int]]:
+    """``[start, end)`` of every /proc/iomem line named ``name`` (any nesting)."""
+    out = []
+    for line in text.splitlines():
+        span, _, what = line.strip().partition(" : ")
+        if what == name:
+            start, end = span.split("-")
+            out.append((int(start, 16), int(end, 16) + 1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def capture(guest: Guest) -> Capture:
+    """The guest captured once per session with the automatic plan."""
+    out = guest.out_dir / "capture"
+    out.mkdir(exist_ok=True)
+    facts = guest.to_guest(out)
+    guest.run(
+        f"cat /proc/iomem > {facts}/iomem && cat /proc/kallsyms > {facts}/kallsyms && "
+        f"cat /sys/kernel/btf/vmlinux > {facts}/btf && cat /sys/kernel/vmcoreinfo > "
+        f"{facts}/vmcoreinfo-location && uname -a > {facts}/uname-a && "
+        f"uname -r > {facts}/uname-r && uname -n > {facts}/uname-n && "
+        f"grep btime /proc/stat > {facts}/btime"
+    ).check()
+    result = guest.run(f"collect --profile x86_64 -o {facts}/auto.lime.zst --json", timeout=600)
+    qemu = {}
+    iomem = (out / "iomem").read_text()
+    for name in ("Kernel code", "Kernel rodata"):
+        (start, end), *_ = iomem_entries(iomem, name)
+        dump = out / f"qemu-{name.replace(' ', '-').lower()}.bin"
+        guest.qmp.pmemsave(start, end - start, str(dump))
+        qemu[name] = (start, end, dump.read_bytes())
+    result.check()
+    return Capture(guest, out / "auto.lime.zst", json.loads(result.stdout), iomem, out, qemu)
 
 
 @pytest.fixture
@@ -111,3 +170,53 @@ def pytest_terminal_summary(terminalreporter) -> None:
             f"CI=true: {len(_skipped_vm)} vm test(s) or modules skipped; failing the run",
             red=True,
         )
+
+
+# -- a 5-level-paging guest, shared by the tests that need one --------------------------------
+
+
+def capture_guest(guest: Guest) -> Capture:
+    """Capture ``guest`` with the automatic plan, as the ``capture`` fixture does."""
+    out = guest.out_dir / "capture"
+    out.mkdir(exist_ok=True)
+    facts = guest.to_guest(out)
+    guest.run(
+        f"cat /proc/iomem > {facts}/iomem && cat /proc/kallsyms > {facts}/kallsyms && "
+        f"cat /sys/kernel/btf/vmlinux > {facts}/btf && cat /sys/kernel/vmcoreinfo > "
+        f"{facts}/vmcoreinfo-location && uname -a > {facts}/uname-a && "
+        f"uname -r > {facts}/uname-r && uname -n > {facts}/uname-n && "
+        f"grep btime /proc/stat > {facts}/btime"
+    ).check()
+    result = guest.run(f"collect --profile x86_64 -o {facts}/auto.lime.zst --json", timeout=600)
+    qemu = {}
+    iomem = (out / "iomem").read_text()
+    for name in ("Kernel code", "Kernel rodata"):
+        (start, end), *_ = iomem_entries(iomem, name)
+        dump = out / f"qemu-{name.replace(' ', '-').lower()}.bin"
+        guest.qmp.pmemsave(start, end - start, str(dump))
+        qemu[name] = (start, end, dump.read_bytes())
+    result.check()
+    return Capture(guest, out / "auto.lime.zst", json.loads(result.stdout), iomem, out, qemu)
+
+
+@pytest.fixture(scope="session")
+def la57_guest() -> Iterator[Guest]:
+    """Debian 6.12 on a CPU with LA57, so the kernel runs 5-level paging; booted once."""
+    from tools.vm.guest import DEFAULT_CPU
+
+    vm = boot("6.12", cpu=DEFAULT_CPU + ",+la57")
+    started = time.monotonic()
+    try:
+        yield vm
+    finally:
+        commands = vm.commands_started
+        vm.close()
+        _timings.append(
+            f"{vm.kernel.version} (la57): {commands} commands in {time.monotonic() - started:.1f} s"
+        )
+
+
+@pytest.fixture(scope="session")
+def la57_capture(la57_guest: Guest) -> Capture:
+    """The 5-level guest captured once per session with the automatic plan."""
+    return capture_guest(la57_guest)
