@@ -238,3 +238,22 @@ def test_default_output_name(strict):
     name = session.default_output_name(strict.sysroot)
     host = (strict.root / "proc/sys/kernel/hostname").read_text().strip()
     assert re.fullmatch(re.escape(host) + r"-\d{8}T\d{6}Z\.lime\.zst", name), name
+
+
+def test_excluded_ranges_are_recorded_and_never_read(strict, tmp_path):
+    out = tmp_path / "ex.lime.zst"
+    strict.clear_reads()
+    assert (
+        capture(strict, out, "--exclude", "0x200000+1M", "--exclude", "0x100000000-0x100000fff")
+        == 0
+    )
+    excluded = [(0x200000, 0x300000), (0x100000000, 0x100001000)]
+    for read in strict.reads:
+        for s, e in read.spans:
+            assert all(e <= xs or s >= xe for xs, xe in excluded), (read, excluded)
+    with NativeImage(out) as img:
+        assert img.ranges() == strict.ram_ranges  # the LiME ranges do not shrink
+        for xs, xe in excluded:
+            assert {img.fate(p).fate for p in range(xs, xe, PAGE)} == {Fate.EXCLUDED}
+        assert img.end["pages"]["excluded"] == 256 + 1
+        assert img.read(0x300000, 0x100000) == strict.ram_bytes(0x300000, 0x400000)
