@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import pytest
 
 from collector.acquire import session
 from collector.cli import main
+from collector.image.lime import iter_lime_ranges
 from collector.image.reader import NativeImage
 from collector.memory import Fate
 from tests.acquire.fakehost import IOMEM_GUEST, FakeHost
@@ -113,8 +115,16 @@ def test_signal_finishes_the_chunk_and_closes_the_image(strict, tmp_path, signum
     assert summary["stopped_by"] == f"interrupted by {signal.Signals(signum).name}"
     with NativeImage(out) as img:
         assert img.indexed and img.verify().ok
-        assert len(img.chunks) == 2
-        assert img.missing_ranges()[0][0] == 0x200000
+        # Two chunks read, then the open range 0x100000-0x5fffff finished with padding.
+        assert [c.paddr for c in img.chunks] == [0x1000, *range(0x100000, 0x600000, 1 << 20)]
+        assert img.missing_ranges() == [(0x200000, 0x600000), (0x100000000, 0x100200000)]
+        assert img.fate(0x200000).fate == Fate.MISSING and img.fate(0x5FF000).fate == Fate.MISSING
+        assert img.read(0x100000, 0x100000) == strict.ram_bytes(0x100000, 0x200000)
+        assert img.end["pages"]["missing"] == 0x400
+    # `zstd -dc` stays a valid LiME file: the started ranges are whole, the last one absent.
+    lime = subprocess.run(["zstd", "-dc", str(out)], capture_output=True, check=True).stdout
+    ranges = [(r.start, r.end) for r in iter_lime_ranges(io.BytesIO(lime))]
+    assert ranges == [(0x1000, 0x9FBFF), (0x100000, 0x5FFFFF)]
 
 
 def test_existing_output_and_planted_symlink_are_refused(strict, tmp_path, capsys):

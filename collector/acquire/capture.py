@@ -194,6 +194,8 @@ def run_capture(
         for i, (c_start, c_end) in enumerate(chunk_bounds(start, end, writer.chunk_size)):
             if stop is not None and stop.is_set():
                 result.stopped_by = getattr(stop, "reason", "interrupted")
+                if i:
+                    pad_range(writer, c_start, end)
                 return result
             overlapping = [e for e in entries if e.start < c_end and e.end > c_start]
             data, runs = read_chunk(c_start, c_end, overlapping, sources, writer.page_size)
@@ -207,3 +209,17 @@ def run_capture(
             if on_progress is not None:
                 on_progress(progress)
     return result
+
+
+def pad_range(writer: ImageWriter, start: int, end: int) -> None:
+    """Finish a range the capture stopped inside: zeros recorded as MISSING, never as data.
+
+    The range's LiME header, written with its first chunk, announced all of it, so the
+    stream must carry that many bytes to stay a valid LiME file. All-zero chunks cost no
+    compression (the writer reuses one frame), only the stream hash.
+    """
+    page = writer.page_size
+    for c_start, c_end in chunk_bounds(start, end, writer.chunk_size):
+        first = c_start // page
+        pages = (c_end + page - 1) // page - first
+        writer.add_chunk(c_start, bytes(c_end - c_start), [FateRun(0, pages, Fate.MISSING)])

@@ -93,6 +93,10 @@ def _stop_on_signals() -> Iterator[_Stop]:
         stop.signum = signum
         stop.reason = f"interrupted by {signal.Signals(signum).name}"
         stop.set()
+        # A second signal ends the process at once; the image is then cut short, which
+        # the reader handles too.
+        for s in EXIT_SIGNAL:
+            signal.signal(s, signal.SIG_DFL)
 
     if threading.current_thread() is not threading.main_thread():
         yield stop

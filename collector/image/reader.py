@@ -259,8 +259,16 @@ class NativeImage:
         return out
 
     def missing_ranges(self) -> list[tuple[int, int]]:
-        """Parts of the planned ranges that no chunk in the image holds."""
-        return _subtract(self.ranges(), self.captured_ranges())
+        """Parts of the planned ranges the capture did not reach: held by no chunk (a cut
+        image), or held as zero padding recorded MISSING (a capture stopped by a signal)."""
+        holes = _subtract(self.ranges(), self.captured_ranges())
+        for chunk in self.chunks:
+            base = chunk.paddr - chunk.paddr % self.page_size
+            for r in self._desc(chunk).runs:
+                if r.fate == Fate.MISSING:
+                    lo = max(chunk.paddr, base + r.start * self.page_size)
+                    holes.append((lo, min(chunk.end, base + (r.start + r.count) * self.page_size)))
+        return _merge(sorted(holes))
 
     def fate(self, paddr: int) -> PageFate:
         chunk = self._chunk_at(paddr)
@@ -421,6 +429,16 @@ def _planned_ranges(value: object) -> list[tuple[int, int]]:
     if not ok:
         raise ImageError("image header lists its ranges wrongly")
     return sorted((r[0], r[1]) for r in value)
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, end in ranges:
+        if out and out[-1][1] >= start:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
 
 
 def _subtract(ranges: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -69,7 +69,7 @@ class ImageWriter:
         self.stream_hash = hashlib.sha256()
         self.stream_bytes = 0
         self.seq = 0
-        self.fate_pages: dict[str, int] = {f.label: 0 for f in Fate if f < Fate.MISSING}
+        self.fate_pages: dict[str, int] = {f.label: 0 for f in Fate if f < Fate.OUTSIDE}
         self.unreadable_errnos: dict[int, int] = {}
         self.broken: OutputError | None = None
         self._t0 = time.monotonic_ns()
