@@ -7,7 +7,6 @@ where a skipped vm test fails the run: CI must really boot the kernels.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,22 +14,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import in_ci
 from tools.vm.guest import Guest, VMUnavailable
 from tools.vm.kernels import KERNEL_KEYS
 
 GUEST_MEMORY_MIB = 384
 
-_skipped_vm: list[str] = []
 _timings: list[str] = []
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI") == "true"
 
 
 def vm_unavailable(reason: str) -> None:
     """Skip (or, under CI=true, fail) the current test because no guest can run."""
-    if _in_ci():
+    if in_ci():
         pytest.fail(f"vm test cannot run under CI=true: {reason}", pytrace=False)
     pytest.skip(reason)
 
@@ -94,87 +89,6 @@ def iomem_entries(text: str, name: str) -> list[tuple[int, int]]:
     return out
 
 
-@pytest.fixture(scope="session")
-def capture(guest: Guest) -> Capture:
-    """The guest captured once per session with the automatic plan."""
-    out = guest.out_dir / "capture"
-    out.mkdir(exist_ok=True)
-    facts = guest.to_guest(out)
-    guest.run(
-        f"cat /proc/iomem > {facts}/iomem && cat /proc/kallsyms > {facts}/kallsyms && "
-        f"cat /sys/kernel/btf/vmlinux > {facts}/btf && cat /sys/kernel/vmcoreinfo > "
-        f"{facts}/vmcoreinfo-location && uname -a > {facts}/uname-a && "
-        f"uname -r > {facts}/uname-r && uname -n > {facts}/uname-n && "
-        f"grep btime /proc/stat > {facts}/btime"
-    ).check()
-    result = guest.run(f"collect --profile x86_64 -o {facts}/auto.lime.zst --json", timeout=600)
-    qemu = {}
-    iomem = (out / "iomem").read_text()
-    for name in ("Kernel code", "Kernel rodata"):
-        (start, end), *_ = iomem_entries(iomem, name)
-        dump = out / f"qemu-{name.replace(' ', '-').lower()}.bin"
-        guest.qmp.pmemsave(start, end - start, str(dump))
-        qemu[name] = (start, end, dump.read_bytes())
-    result.check()
-    return Capture(guest, out / "auto.lime.zst", json.loads(result.stdout), iomem, out, qemu)
-
-
-@pytest.fixture
-def boot_guest() -> Iterator[Callable[..., Guest]]:
-    """Boot extra guests with other options (``boot_guest("6.12", cpu=...)``) for one test."""
-    booted: list[Guest] = []
-
-    def start(kernel: str, **options: object) -> Guest:
-        booted.append(boot(kernel, **options))
-        return booted[-1]
-
-    try:
-        yield start
-    finally:
-        for vm in booted:
-            vm.close()
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
-    outcome = yield
-    report = outcome.get_result()
-    if report.skipped and item.get_closest_marker("vm") and not hasattr(report, "wasxfail"):
-        _skipped_vm.append(item.nodeid)
-        if _in_ci():
-            reason = report.longrepr
-            if isinstance(reason, tuple):
-                reason = reason[2]
-            report.outcome = "failed"
-            report.longrepr = f"vm test skipped under CI=true: {reason}"
-
-
-def pytest_collectreport(report: pytest.CollectReport) -> None:
-    if report.skipped:
-        _skipped_vm.append(report.nodeid)
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    no_tests = pytest.ExitCode.NO_TESTS_COLLECTED
-    if _in_ci() and _skipped_vm and session.exitstatus in (pytest.ExitCode.OK, no_tests):
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
-
-
-def pytest_terminal_summary(terminalreporter) -> None:
-    if _timings:
-        terminalreporter.section("vm guests")
-        for line in _timings:
-            terminalreporter.write_line(line)
-    if _in_ci() and _skipped_vm:
-        terminalreporter.write_line(
-            f"CI=true: {len(_skipped_vm)} vm test(s) or modules skipped; failing the run",
-            red=True,
-        )
-
-
-# -- a 5-level-paging guest, shared by the tests that need one --------------------------------
-
-
 def capture_guest(guest: Guest) -> Capture:
     """Capture ``guest`` with the automatic plan, as the ``capture`` fixture does."""
     out = guest.out_dir / "capture"
@@ -197,6 +111,38 @@ def capture_guest(guest: Guest) -> Capture:
         qemu[name] = (start, end, dump.read_bytes())
     result.check()
     return Capture(guest, out / "auto.lime.zst", json.loads(result.stdout), iomem, out, qemu)
+
+
+@pytest.fixture(scope="session")
+def capture(guest: Guest) -> Capture:
+    """The guest captured once per session with the automatic plan."""
+    return capture_guest(guest)
+
+
+@pytest.fixture
+def boot_guest() -> Iterator[Callable[..., Guest]]:
+    """Boot extra guests with other options (``boot_guest("6.12", cpu=...)``) for one test."""
+    booted: list[Guest] = []
+
+    def start(kernel: str, **options: object) -> Guest:
+        booted.append(boot(kernel, **options))
+        return booted[-1]
+
+    try:
+        yield start
+    finally:
+        for vm in booted:
+            vm.close()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _timings:
+        terminalreporter.section("vm guests")
+        for line in _timings:
+            terminalreporter.write_line(line)
+
+
+# -- a 5-level-paging guest, shared by the tests that need one --------------------------------
 
 
 @pytest.fixture(scope="session")
