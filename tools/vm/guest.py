@@ -250,6 +250,14 @@ class Guest:
             key, _, value = line.partition("=")
             self.ready_info[key] = value.strip()
 
+    def _keep(self) -> list[str]:
+        """``vm.keep=`` for the checkout when it lives under /tmp or /run, which the guest
+        covers with its own tmpfs (CI clones into such places)."""
+        repo = str(self.repo)
+        if repo.startswith(("/tmp/", "/run/")) and " " not in repo and "," not in repo:
+            return [f"vm.keep={repo}"]
+        return []
+
     def qemu_argv(self) -> list[str]:
         """QEMU's command line for this guest."""
         assert self.kernel is not None and self.initramfs is not None and self._workdir
@@ -263,7 +271,7 @@ class Guest:
             "-nic", "none",
             "-kernel", str(self.kernel.vmlinuz),
             "-initrd", str(self.initramfs.path),
-            "-append", " ".join(("console=ttyS0", "panic=-1", *self.append)),
+            "-append", " ".join(("console=ttyS0", "panic=-1", *self._keep(), *self.append)),
             "-qmp", f"unix:{self._workdir / 'qmp.sock'},server=on,wait=off",
             "-device", "vmcoreinfo",
             "-virtfs",

@@ -62,8 +62,21 @@ mount -t sysfs sysfs @HOST@/sys || die "cannot mount @HOST@/sys"
 mount -t devtmpfs devtmpfs @HOST@/dev || die "cannot mount @HOST@/dev"
 mkdir -p @HOST@/dev/shm @HOST@/dev/pts
 mount -t tmpfs tmpfs @HOST@/dev/shm
+# The guest gets its own writable /tmp and /run; the host's stay reachable so that paths
+# the host names with vm.keep= (a checkout under /tmp, say) can be bound back into place.
+mkdir -p /host-tmp /host-run
+mount -o bind @HOST@/tmp /host-tmp
+mount -o bind @HOST@/run /host-run
 mount -t tmpfs -o mode=1777 tmpfs @HOST@/tmp || die "cannot mount @HOST@/tmp"
 mount -t tmpfs -o mode=755 tmpfs @HOST@/run || die "cannot mount @HOST@/run"
+for keep in $(sed -n 's/.*vm\.keep=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' '); do
+  case "$keep" in
+    /tmp/*) from=/host-tmp/${keep#/tmp/} ;;
+    /run/*) from=/host-run/${keep#/run/} ;;
+    *) continue ;;
+  esac
+  mkdir -p @HOST@$keep && mount -o bind "$from" @HOST@$keep || die "cannot keep $keep"
+done
 mkdir -p @HOST@@GUEST_OUT@
 mount -o bind @OUT@ @HOST@@GUEST_OUT@ || die "cannot bind the output share into the chroot"
 mkdir -p @OUT@/cmd @OUT@/res @OUT@/ctl
