@@ -344,6 +344,7 @@ def test_image_holds_system_ram_as_lime_with_the_guests_metadata(capture: Captur
         "unreadable": 0,
         "not-covered": 0,
         "excluded": 0,
+        "missing": 0,
     }
 
     rc, report = verify(capture.image)
@@ -368,7 +369,10 @@ def test_forced_devmem_records_every_page_it_was_refused(guest: Guest, capture: 
     ram = ram_ranges(capture.iomem)
     low = sum(pages_in(s, e) for s, e in ram if e <= LOW_MEM_END)
     high = sum(pages_in(s, e) for s, e in ram if s >= LOW_MEM_END)
-    expected = {"read": 0, "kernel-zero": low, "unreadable": high, "not-covered": 0, "excluded": 0}
+    expected = {
+        "read": 0, "kernel-zero": low, "unreadable": high, "not-covered": 0, "excluded": 0,
+        "missing": 0,
+    }  # fmt: skip
     assert summary["pages"] == expected
     assert summary["unreadable_errnos"] == {str(errno.EPERM): high}
     assert summary["clean"] is True and summary["stopped_by"] is None
