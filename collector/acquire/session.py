@@ -171,6 +171,7 @@ def run(options: CaptureOptions, on_progress: Callable | None = None) -> tuple[d
                 }
                 record = writer.finish(end, clean=result.stopped_by is None)
         except OutputError as e:
+            writer.close()
             raise CollectorError(
                 f"writing {path} failed: {e.strerror}; the image is valid up to its last "
                 "complete chunk (`collect verify` lists what is missing)"

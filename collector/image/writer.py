@@ -76,6 +76,8 @@ class ImageWriter:
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="zstd")
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="write")
+        self._written: deque[Future[None]] = deque()
         self._window: deque[_Pending] = deque()
         self._zero_frames: dict[int, bytes] = {}
         self._zeros = b""
@@ -96,16 +98,24 @@ class ImageWriter:
         return self._compressor().compress(data)
 
     def _write(self, frame: bytes, decompressed: int) -> int:
-        """Write one whole frame; returns its file offset."""
+        """Queue one whole frame for the output thread; returns its file offset.
+
+        Writing happens on its own thread, in order, so a slow disk or pipe does not stall
+        reading. A failed write surfaces here, on a later call, or in :meth:`flush`.
+        """
         if self.broken:
             raise self.broken
         offset = self.position
-        self._write_all(frame)
         self.position += len(frame)
         self.frames.append((len(frame), decompressed))
+        self._written.append(self._io.submit(self._write_all, frame))
+        while len(self._written) > 2 * self.threads:
+            self._written.popleft().result()
         return offset
 
     def _write_all(self, data: bytes) -> None:
+        if self.broken:
+            raise self.broken
         # Raw files and pipes may take part of a write (a disk filling up does this first).
         view = memoryview(data)
         try:
@@ -115,6 +125,10 @@ class ImageWriter:
         except OSError as e:
             self.broken = OutputError(e.errno, e.strerror)
             raise self.broken from e
+
+    def _wait_written(self) -> None:
+        while self._written:
+            self._written.popleft().result()
 
     # -- records -----------------------------------------------------------------------------
 
@@ -210,6 +224,7 @@ class ImageWriter:
         """Write every queued chunk."""
         while self._window:
             self._drain_one()
+        self._wait_written()
         try:
             self.out.flush()
         except OSError as e:
@@ -238,6 +253,7 @@ class ImageWriter:
         self._write(fmt.skippable(fmt.END, json.dumps(record, sort_keys=True).encode()), 0)
         self._write(fmt.encode_index(self.index), 0)
         table = fmt.encode_seek_table(self.frames)
+        self._wait_written()
         self._write_all(table)
         self.position += len(table)
         self.flush()
@@ -247,3 +263,4 @@ class ImageWriter:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._hasher.shutdown(wait=True, cancel_futures=True)
+        self._io.shutdown(wait=True, cancel_futures=True)
