@@ -28,7 +28,7 @@ from collector.elf import (
     parse_program_headers,
 )
 from collector.errors import ImageError
-from collector.image.raw import RawFile
+from collector.image.raw import FileImage, RawFile
 from collector.memory import Fate, PageFate, PageNotCaptured
 
 _U64 = 1 << 64
@@ -105,7 +105,7 @@ def _build_map(entries: list[tuple[int, ElfSegment]]) -> tuple[list[_Piece], lis
     return pieces, trimmed
 
 
-class ElfCore:
+class ElfCore(FileImage):
     """A :class:`~collector.memory.PhysicalMemory` over an ELF64 little-endian core file.
 
     Physical reads use the PT_LOAD segments' ``p_paddr``. Each address has one fate:
@@ -386,12 +386,3 @@ class ElfCore:
         """``vmcoreinfo``: the VMCOREINFO note's text, without trailing NULs; else None."""
         note = find_note(self.notes, VMCOREINFO_NOTE_NAME) if name == "vmcoreinfo" else None
         return None if note is None else note.desc.rstrip(b"\0")
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> ElfCore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from collector.errors import ImageError
-from collector.image.raw import RawFile
+from collector.image.raw import FileImage, RawFile
 from collector.memory import Fate, PageFate, PageNotCaptured
 
 LIME_MAGIC = 0x4C694D45
@@ -141,7 +141,7 @@ def iter_lime_ranges(
         offset = rng.offset + rng.size
 
 
-class LimeImage:
+class LimeImage(FileImage):
     """A :class:`~collector.memory.PhysicalMemory` over a LiME file.
 
     Opening walks the range headers only (seeking past the data), so it costs one small read
@@ -253,18 +253,3 @@ class LimeImage:
         if paddr >= available:
             raise PageNotCaptured(paddr, Fate.MISSING)
         return rng.offset + paddr - rng.start, available - paddr
-
-    def read(self, paddr: int, size: int) -> bytes:
-        return self._file.read_mapped(paddr, size, self._run)
-
-    def blob(self, name: str) -> bytes | None:
-        return None
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> LimeImage:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

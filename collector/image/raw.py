@@ -7,7 +7,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import BinaryIO, Self
 
 from collector.errors import ImageError
 from collector.memory import Fate, PageFate, PageNotCaptured
@@ -113,7 +113,36 @@ class RawFile:
         self._fileobj = None
 
 
-class RawImage:
+class FileImage:
+    """What every file-backed reader shares: reads mapped through ``_run`` onto ``_file``,
+    no blobs unless a format has some, and closing as a context manager.
+
+    A subclass sets ``self._file`` (a :class:`RawFile`) and defines
+    ``_run(paddr) -> (file offset, bytes available from there)``.
+    """
+
+    _file: RawFile
+
+    def _run(self, paddr: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def read(self, paddr: int, size: int) -> bytes:
+        return self._file.read_mapped(paddr, size, self._run)
+
+    def blob(self, name: str) -> bytes | None:
+        return None
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RawImage(FileImage):
     """A padded raw image: the byte at file offset ``p`` is physical address ``p``.
 
     The format carries no range list, and holes read back as zeros, so the caller says which
@@ -175,18 +204,3 @@ class RawImage:
         if paddr >= self._file.size:
             raise PageNotCaptured(paddr, Fate.MISSING)
         return paddr, min(span[1], self._file.size) - paddr
-
-    def read(self, paddr: int, size: int) -> bytes:
-        return self._file.read_mapped(paddr, size, self._run)
-
-    def blob(self, name: str) -> bytes | None:
-        return None
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> RawImage:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
