@@ -60,6 +60,7 @@ mount -t 9p -o @NINEP@ out @OUT@ || die "cannot mount the output share over 9p"
 mount -t proc proc @HOST@/proc || die "cannot mount @HOST@/proc"
 mount -t sysfs sysfs @HOST@/sys || die "cannot mount @HOST@/sys"
 mount -t devtmpfs devtmpfs @HOST@/dev || die "cannot mount @HOST@/dev"
+mount -t securityfs securityfs @HOST@/sys/kernel/security || say "no securityfs: lockdown unknown"
 mkdir -p @HOST@/dev/shm @HOST@/dev/pts
 mount -t tmpfs tmpfs @HOST@/dev/shm
 # The guest gets its own writable /tmp and /run; the host's stay reachable so that paths
