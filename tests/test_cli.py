@@ -267,3 +267,24 @@ def test_excluded_ranges_are_recorded_and_never_read(strict, tmp_path):
             assert {img.fate(p).fate for p in range(xs, xe, PAGE)} == {Fate.EXCLUDED}
         assert img.end["pages"]["excluded"] == 256 + 1
         assert img.read(0x300000, 0x100000) == strict.ram_bytes(0x300000, 0x400000)
+
+
+def test_progress_bar_shows_bytes_rate_eta_and_unreadable_pages():
+    from collector.acquire.capture import Progress
+    from collector.cli import ProgressBar
+
+    stream = io.StringIO()
+    bar = ProgressBar(stream)
+    bar.t0 -= 2.0  # two seconds in
+    bar(Progress(total_bytes=8 << 20, done_bytes=4 << 20, unreadable_pages=3, chunks=1))
+    line = stream.getvalue()
+    assert line.startswith("\r 50.0% 4.0 MiB/8.0 MiB ")
+    assert "unreadable pages 3" in line
+    rate, eta = line.split(" MiB/8.0 MiB ")[1].split("/s ETA ")
+    assert 1.9 <= float(rate.split()[0]) <= 2.1 and rate.endswith("MiB")
+    assert 1 <= int(eta.split("s")[0]) <= 3
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(strict, tmp_path, capsys):
+    assert capture(strict, tmp_path / "quiet.lime.zst") == 0
+    assert capsys.readouterr().err == ""
