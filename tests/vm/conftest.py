@@ -43,10 +43,9 @@ def boot(kernel: str, **options: object) -> Guest:
     return vm
 
 
-@pytest.fixture(scope="session", params=KERNEL_KEYS, ids=[f"linux-{k}" for k in KERNEL_KEYS])
-def guest(request: pytest.FixtureRequest) -> Iterator[Guest]:
-    """A booted guest for one kernel, shared by every test of the session."""
-    vm = boot(request.param)
+def session_guest(kernel: str, label: str = "", **options: object) -> Iterator[Guest]:
+    """Boot a guest for a session fixture; on teardown close it and note how it was used."""
+    vm = boot(kernel, **options)
     started = time.monotonic()
     try:
         yield vm
@@ -54,8 +53,14 @@ def guest(request: pytest.FixtureRequest) -> Iterator[Guest]:
         commands = vm.commands_started
         vm.close()
         _timings.append(
-            f"{vm.kernel.version}: {commands} commands in {time.monotonic() - started:.1f} s"
+            f"{vm.kernel.version}{label}: {commands} commands in {time.monotonic() - started:.1f} s"
         )
+
+
+@pytest.fixture(scope="session", params=KERNEL_KEYS, ids=[f"linux-{k}" for k in KERNEL_KEYS])
+def guest(request: pytest.FixtureRequest) -> Iterator[Guest]:
+    """A booted guest for one kernel, shared by every test of the session."""
+    yield from session_guest(request.param)
 
 
 @dataclass
@@ -150,16 +155,7 @@ def la57_guest() -> Iterator[Guest]:
     """Debian 6.12 on a CPU with LA57, so the kernel runs 5-level paging; booted once."""
     from tools.vm.guest import DEFAULT_CPU
 
-    vm = boot("6.12", cpu=DEFAULT_CPU + ",+la57")
-    started = time.monotonic()
-    try:
-        yield vm
-    finally:
-        commands = vm.commands_started
-        vm.close()
-        _timings.append(
-            f"{vm.kernel.version} (la57): {commands} commands in {time.monotonic() - started:.1f} s"
-        )
+    yield from session_guest("6.12", " (la57)", cpu=DEFAULT_CPU + ",+la57")
 
 
 @pytest.fixture(scope="session")
