@@ -10,11 +10,10 @@ import json
 import os
 import struct
 import sys
-from collections.abc import Callable
 
 import pytest
 
-from tools.vm.guest import DEFAULT_CPU, Guest
+from tools.vm.guest import Guest
 
 pytestmark = pytest.mark.vm
 
@@ -232,8 +231,8 @@ def test_guest_still_answers(guest: Guest) -> None:
     assert guest.qmp.status() == "running"
 
 
-def test_la57_cpu_gives_five_level_paging(boot_guest: Callable[..., Guest]) -> None:
-    vm = boot_guest("6.12", cpu=DEFAULT_CPU + ",+la57", memory_mib=256)
+def test_la57_cpu_gives_five_level_paging(la57_guest: Guest) -> None:
+    vm = la57_guest
     desc, _ = vmcoreinfo_in_ram(vm)
     assert "NUMBER(pgtable_l5_enabled)=1\n" in desc
     assert "la57" in vm.run("grep -m1 ^flags /proc/cpuinfo").check().stdout.split()
