@@ -360,21 +360,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     from collector.image import export
     from collector.image.open import open_image
 
+    if args.to == "raw" and args.output == "-":
+        raise CollectorError("a raw (padded) export needs a file it can seek in, not stdout", 2)
     memory = open_image(args.image)
     try:
-        if args.to == "raw":
-            summary = export.export_raw(memory, args.output)
-        else:
-            with open_output(args.output, args.force) as out:
-                if args.to == "lime":
-                    summary = export.export_lime(memory, out)
-                else:
-                    summary = export.export_elf(
-                        memory, out, memory.blob("vmcoreinfo"), _page_offset(memory)
-                    )
+        with open_output(args.output, args.force) as out:
+            if args.to == "raw":
+                summary = export.export_raw(memory, out)
+            elif args.to == "lime":
+                summary = export.export_lime(memory, out)
+            else:
+                summary = export.export_elf(
+                    memory, out, memory.blob("vmcoreinfo"), _page_offset(memory)
+                )
     finally:
         memory.close()
-    print(json.dumps(summary, indent=2, default=str) if args.json else _export_line(summary))
+    warning = summary.warning()
+    doc = {
+        "output": args.output,
+        "format": args.to,
+        "ranges": summary.ranges,
+        "bytes": summary.bytes,
+        "pages_not_captured": {f.label: n for f, n in summary.zero_filled.items()},
+        "warning": warning,
+    }
+    report = sys.stderr if args.output == "-" else sys.stdout
+    if args.json:
+        print(json.dumps(doc, indent=2), file=report)
+    else:
+        print(
+            f"wrote {args.output}: {args.to}, {summary.ranges} ranges, {_human(summary.bytes)}",
+            file=report,
+        )
+    if warning:
+        print(f"collect: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -385,10 +404,6 @@ def _page_offset(memory) -> int | None:
         return Kernel(memory).layout.page_offset_base
     except CollectorError:
         return None
-
-
-def _export_line(summary) -> str:
-    return "; ".join(f"{k}: {v}" for k, v in (summary or {}).items())
 
 
 # -- dispatch -------------------------------------------------------------------------------

@@ -288,3 +288,45 @@ def test_progress_bar_shows_bytes_rate_eta_and_unreadable_pages():
 def test_no_progress_bar_when_stderr_is_not_a_terminal(strict, tmp_path, capsys):
     assert capture(strict, tmp_path / "quiet.lime.zst") == 0
     assert capsys.readouterr().err == ""
+
+
+def test_export_lime_raw_and_elf(strict, tmp_path, capsys):
+    image = tmp_path / "src.lime.zst"
+    assert capture(strict, image) == 0
+    capsys.readouterr()
+    lime = tmp_path / "out.lime"
+    assert main(["export", str(image), "--to", "lime", "-o", str(lime)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"wrote {lime}: lime, 3 ranges")
+    # The one kernel-zero page cannot be told apart in LiME: the user is warned, once.
+    assert (
+        one_line(err)
+        == "collect: warning: 1 page was not captured and written as zeros (1 kernel-zero)"
+    )
+    zstd = subprocess.run(["zstd", "-dc", str(image)], capture_output=True, check=True).stdout
+    assert lime.read_bytes() == zstd
+    assert stat.S_IMODE(lime.stat().st_mode) == 0o600
+
+    raw = tmp_path / "out.raw"
+    assert main(["export", str(image), "--to", "raw", "-o", str(raw), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["pages_not_captured"] == {"kernel-zero": 1} and doc["ranges"] == 3
+    with open(raw, "rb") as f:
+        for start, end in strict.ram_ranges:
+            stop = TAIL if start == 0x1000 else end
+            f.seek(start)
+            assert f.read(stop - start) == strict.ram_bytes(start, stop)
+    assert raw.stat().st_size == strict.ram_ranges[-1][1]
+
+    elf = tmp_path / "out.elf"
+    assert main(["export", str(image), "--to", "elf", "-o", str(elf)]) == 0
+    from collector.image.open import open_image
+
+    with open_image(elf) as core:
+        assert core.ranges() == strict.ram_ranges
+        assert core.read(0x100000, 0x500000) == strict.ram_bytes(0x100000, 0x600000)
+        assert core.blob("vmcoreinfo").decode() == strict.vmcoreinfo
+    capsys.readouterr()
+    assert main(["export", str(image), "--to", "lime", "-o", str(lime)]) == 1
+    assert "already exists" in one_line(capsys.readouterr().err)
+    assert main(["export", str(image), "--to", "raw", "-o", "-"]) == 2

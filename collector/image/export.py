@@ -154,28 +154,36 @@ def export_lime(
 
 
 def export_raw(
-    memory: PhysicalMemory, out_path: str | os.PathLike[str], chunk_size: int = DEFAULT_CHUNK
+    memory: PhysicalMemory,
+    out: str | os.PathLike[str] | BinaryIO,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> ExportSummary:
     """Write ``memory`` as a padded raw file: each byte at the offset of its physical address.
 
     Gaps between ranges, pages not captured and all-zero chunks are left as holes, so the
     file is sparse where the file system allows; they read back as zeros.
+
+    :param out: a path, or a seekable binary file opened for writing.
     """
+    if isinstance(out, str | os.PathLike):
+        with open(out, "wb") as f:
+            return export_raw(memory, f, chunk_size)
     summary = ExportSummary()
     try:
-        with open(out_path, "wb") as out:
-            file_end = 0
-            for start, end in _checked_ranges(memory):
-                for addr, data, length in _chunks(memory, start, end, chunk_size, summary):
-                    if data is not None and data.count(0) != length:
-                        out.seek(addr)
-                        out.write(data)
-                    summary.bytes += length
-                summary.ranges += 1
-                file_end = end
-            out.truncate(file_end)
+        file_end = 0
+        for start, end in _checked_ranges(memory):
+            for addr, data, length in _chunks(memory, start, end, chunk_size, summary):
+                if data is not None and data.count(0) != length:
+                    out.seek(addr)
+                    out.write(data)
+                summary.bytes += length
+            summary.ranges += 1
+            file_end = end
+        out.truncate(file_end)
     except OSError as e:
-        raise CollectorError(f"{os.fsdecode(out_path)}: write failed: {e.strerror or e}") from None
+        raise CollectorError(
+            f"{getattr(out, 'name', 'raw output')}: write failed: {e.strerror or e}"
+        ) from None
     return summary
 
 
