@@ -142,48 +142,60 @@ class NativeImage:
         self.indexed = True
         return True
 
-    def _scan(self) -> None:
-        """Walk every frame from the start: the way to read an image that was cut short."""
+    def _frames(self, stops: list[str]) -> Iterator[tuple[int, int, int, fmt.Desc | None]]:
+        """Every complete record from the start of the file, bounds-checked:
+        ``(offset, magic, frame size, Desc for a DESC record else None)``.
+
+        Where the file is cut short the walk ends and the reason is appended to ``stops``;
+        a frame that is not a skippable one raises :class:`_NotAFrame`, and a damaged DESC
+        raises :class:`ImageError`. A DESC is yielded only when its DATA frame is whole.
+        """
         offset = 0
         while offset < self.size:
             head = self._frame_head(offset)
             if head is None:
-                self.problems.append(f"image ends inside a frame header at byte {offset}")
+                stops.append(f"image ends inside a frame header at byte {offset}")
                 return
             magic, length = head
             if magic & 0xFFFFFFF0 != fmt.SKIPPABLE_BASE:
-                self.problems.append(f"unexpected frame {magic:#x} at byte {offset}")
-                return
+                raise _NotAFrame(f"unexpected frame {magic:#x} at byte {offset}")
             frame_size = fmt.FRAME_HEAD.size + length
             if offset + frame_size > self.size:
-                self.problems.append(f"image is cut short inside a record at byte {offset}")
+                stops.append(f"image is cut short inside a record at byte {offset}")
                 return
+            desc = None
             if magic == fmt.DESC:
                 desc = fmt.Desc.decode(self._read_at(offset + 8, length))
                 if offset + frame_size + desc.data_size > self.size:
-                    self.problems.append(
-                        f"image is cut short inside chunk {desc.seq} at {desc.paddr:#x}"
-                    )
+                    stops.append(f"image is cut short inside chunk {desc.seq} at {desc.paddr:#x}")
                     return
-                self.chunks.append(
-                    ChunkRef(
-                        desc.seq,
-                        desc.paddr,
-                        desc.ram_bytes,
-                        offset,
-                        frame_size,
-                        desc.data_size,
-                        desc,
+            yield offset, magic, frame_size, desc
+            offset += frame_size + (desc.data_size if desc else 0)
+
+    def _scan(self) -> None:
+        """Walk every frame from the start: the way to read an image that was cut short."""
+        try:
+            for offset, magic, frame_size, desc in self._frames(self.problems):
+                if desc is not None:
+                    self.chunks.append(
+                        ChunkRef(
+                            desc.seq,
+                            desc.paddr,
+                            desc.ram_bytes,
+                            offset,
+                            frame_size,
+                            desc.data_size,
+                            desc,
+                        )
                     )
-                )
-                offset += frame_size + desc.data_size
-                continue
-            if magic == fmt.BLOB:
-                name = fmt.Blob.decode(self._read_at(offset + 8, min(length, 1024))).name
-                self.blobs[name] = BlobRef(name, offset, frame_size)
-            elif magic == fmt.END:
-                self.end = self._json(self._read_at(offset + 8, length), "end")
-            offset += frame_size
+                elif magic == fmt.BLOB:
+                    payload = self._read_at(offset + 8, min(frame_size - 8, 1024))
+                    name = fmt.Blob.decode(payload).name
+                    self.blobs[name] = BlobRef(name, offset, frame_size)
+                elif magic == fmt.END:
+                    self.end = self._json(self._read_at(offset + 8, frame_size - 8), "end")
+        except _NotAFrame as e:
+            self.problems.append(str(e))
 
     def _json(self, payload: bytes, what: str) -> dict:
         try:
@@ -332,54 +344,37 @@ class NativeImage:
         """Decompress every frame in file order, checking each checksum and the stream hash."""
         report = VerifyReport(complete=self.end is not None and not self.problems)
         stream = hashlib.sha256()
-        offset = 0
         expected_seq = 0
-        while offset < self.size:
-            head = self._frame_head(offset)
-            if head is None:
-                break
-            magic, length = head
-            if magic & 0xFFFFFFF0 != fmt.SKIPPABLE_BASE:
-                report.errors.append(f"unexpected frame {magic:#x} at byte {offset}")
-                break
-            frame_size = 8 + length
-            if offset + frame_size > self.size:
-                break
-            if magic == fmt.DESC:
-                try:
-                    desc = fmt.Desc.decode(self._read_at(offset + 8, length))
-                except ImageError as e:
-                    report.errors.append(str(e))
-                    break
-                if offset + frame_size + desc.data_size > self.size:
-                    break
-                if desc.seq != expected_seq:
-                    report.errors.append(
-                        f"chunk {desc.seq} found where chunk {expected_seq} belongs"
-                    )
-                expected_seq = desc.seq + 1
-                frame = self._read_at(offset + frame_size, desc.data_size)
-                expected = desc.stream_bytes
-                try:
-                    data = self._dctx.decompress(frame, max_output_size=expected)
-                    if len(data) != expected:
-                        raise zstandard.ZstdError("wrong decompressed size")
-                except zstandard.ZstdError as e:
-                    report.errors.append(f"chunk {desc.seq} at {desc.paddr:#x}: {e}")
-                    data = b""
-                stream.update(data)
-                report.chunks += 1
-                report.stream_bytes += len(data)
-                offset += frame_size + desc.data_size
-                continue
-            if magic == fmt.BLOB:
-                try:
-                    blob = fmt.Blob.decode(self._read_at(offset + 8, length))
-                    self._blob_data(blob)
-                    report.blobs.append(blob.name)
-                except ImageError as e:
-                    report.errors.append(str(e))
-            offset += frame_size
+        try:
+            # A cut-short tail is already in self.problems; the walk just ends there.
+            for offset, magic, frame_size, desc in self._frames([]):
+                if desc is not None:
+                    if desc.seq != expected_seq:
+                        report.errors.append(
+                            f"chunk {desc.seq} found where chunk {expected_seq} belongs"
+                        )
+                    expected_seq = desc.seq + 1
+                    frame = self._read_at(offset + frame_size, desc.data_size)
+                    expected = desc.stream_bytes
+                    try:
+                        data = self._dctx.decompress(frame, max_output_size=expected)
+                        if len(data) != expected:
+                            raise zstandard.ZstdError("wrong decompressed size")
+                    except zstandard.ZstdError as e:
+                        report.errors.append(f"chunk {desc.seq} at {desc.paddr:#x}: {e}")
+                        data = b""
+                    stream.update(data)
+                    report.chunks += 1
+                    report.stream_bytes += len(data)
+                elif magic == fmt.BLOB:
+                    try:
+                        blob = fmt.Blob.decode(self._read_at(offset + 8, frame_size - 8))
+                        self._blob_data(blob)
+                        report.blobs.append(blob.name)
+                    except ImageError as e:
+                        report.errors.append(str(e))
+        except ImageError as e:  # a foreign frame or a damaged DESC ends the walk
+            report.errors.append(str(e))
         report.stream_sha256 = stream.hexdigest()
         if self.end is not None:
             if self.end.get("stream_sha256") != report.stream_sha256:
@@ -418,6 +413,10 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.errors
+
+
+class _NotAFrame(ImageError):
+    """Bytes where a skippable frame should start are something else."""
 
 
 def _planned_ranges(value: object) -> list[tuple[int, int]]:
