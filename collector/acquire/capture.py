@@ -10,12 +10,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from collector.image.writer import ImageWriter
 from collector.memory import Fate, FateRun
 
 
-class Reader:
+class Reader(Protocol):
     """What the capture loop needs of a source: exactly ``size`` bytes, or OSError."""
 
     def read(self, paddr: int, size: int) -> bytes: ...
@@ -54,7 +55,7 @@ def chunk_bounds(start: int, end: int, chunk_size: int) -> list[tuple[int, int]]
 class _Fates:
     """Per-page fates of one chunk, folded into runs at the end."""
 
-    def __init__(self, paddr: int, size: int, page_size: int) -> None:
+    def __init__(self, paddr: int, page_size: int) -> None:
         self.first_page = paddr // page_size
         self.page_size = page_size
         self.pages: dict[int, tuple[Fate, int]] = {}
@@ -103,7 +104,7 @@ def read_chunk(
             except OSError:
                 large_failed = True
     buf = bytearray(end - paddr)
-    fates = _Fates(paddr, end - paddr, page_size)
+    fates = _Fates(paddr, page_size)
     covered = paddr
     for entry in entries:
         start, stop = max(paddr, entry.start), min(end, entry.end)
