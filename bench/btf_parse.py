@@ -15,7 +15,7 @@ from typing import Any
 
 from collector.kernel.btf import BTF
 from collector.kernel.bulk import bulk_view, dtype_for
-from collector.kernel.ctypes import parse_struct
+from collector.kernel.constructs import parse_struct, struct_definition
 
 PAGES = 100_000
 
@@ -60,7 +60,7 @@ def main() -> None:
             fresh = BTF.parse(blob)
             fresh.find(name)
             start = time.perf_counter()
-            defn = fresh.struct(name)
+            defn = struct_definition(fresh, name)
             return time.perf_counter() - start, defn
 
         t_build = min(build()[0] for _ in range(3))
@@ -70,7 +70,7 @@ def main() -> None:
             f"({len(defn.fields)} fields, {defn.size} bytes)"
         )
 
-    page = btf.struct("page")
+    page = struct_definition(btf, "page")
     size = page.sizeof()
     data = os.urandom(size * PAGES)
 

@@ -14,7 +14,7 @@ import time
 from collector.image.sparse import SparseMemory
 from collector.kernel.kernel import Kernel
 from collector.kernel.vmcoreinfo import VmcoreInfo
-from profiles.x86_64 import X86_64Paging
+from collector.profiles.x86_64 import X86_64Paging
 
 TOP = 0x100000
 TABLE_FLAGS = 0x63

@@ -15,7 +15,7 @@ from construct import ConstructError
 
 from collector.errors import CollectorError, NotApplicable
 from collector.hookspecs import FIELD_TYPES, Analysis, Field
-from collector.plugins import PluginManager, RegisteredAnalysis
+from collector.plugin_manager import PluginManager, RegisteredAnalysis
 
 if TYPE_CHECKING:
     from collector.kernel.kernel import Kernel

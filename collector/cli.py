@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -101,7 +102,12 @@ def capture_parser() -> argparse.ArgumentParser:
         epilog=CAPTURE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--version", action="version", version=f"collect {collector.__version__}")
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"collect {collector.__version__} from {os.path.dirname(collector.__file__)}"
+        f" (Python {platform.python_version()})",
+    )
     _add_plan_options(p)
     p.add_argument(
         "-o",
@@ -165,13 +171,14 @@ def _human(n: float) -> str:
 
 
 def _check_profile(name: str, sysroot: str) -> None:
-    import profiles
+    from collector import profiles
     from collector.acquire import host
+    from collector.acquire.sources import live_vmcoreinfo
     from collector.sysroot import Sysroot
 
     profile = profiles.get(name)
     root = Sysroot(sysroot)
-    profile.check_machine(host.machine(root), host.cpu_flags(root), host.live_vmcoreinfo(root))
+    profile.check_machine(host.machine(root), host.cpu_flags(root), live_vmcoreinfo(root))
 
 
 def cmd_capture(args: argparse.Namespace, argv: list[str]) -> int:
@@ -307,7 +314,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_profiles(args: argparse.Namespace) -> int:
-    import profiles
+    from collector import profiles
 
     rows = [{"name": p.name, "description": p.description} for p in profiles.available()]
     if args.json:

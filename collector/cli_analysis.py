@@ -10,7 +10,7 @@ from typing import Any
 from collector.analyze import run_analysis
 from collector.errors import CollectorError
 from collector.output import FORMATS, write_records, write_result
-from collector.plugins import ENTRY_POINT, Field, PluginManager, RegisteredAnalysis
+from collector.plugin_manager import ENTRY_POINT, Field, PluginManager, RegisteredAnalysis
 
 _PLUGIN_FIELDS = (
     Field("name", "str", "the plugin's name"),

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import os
 import zlib
-from typing import TYPE_CHECKING
 
 from collector.errors import CollectorError
 from collector.sysroot import Sysroot
-
-if TYPE_CHECKING:
-    from collector.kernel.vmcoreinfo import VmcoreInfo
 
 LOCKDOWN_STATES = ("none", "integrity", "confidentiality")
 
@@ -99,28 +95,6 @@ def machine(sysroot: Sysroot | str | None = None) -> str:
         return _read_small(root, "/proc/sys/kernel/arch", 256).decode("ascii", "replace").strip()
     except OSError:
         return ""
-
-
-def live_vmcoreinfo(sysroot: Sysroot | str | None = None) -> VmcoreInfo | None:
-    """The running kernel's VMCOREINFO, from /proc/kcore's note (Linux 4.19 and later).
-
-    :returns: a :class:`collector.kernel.vmcoreinfo.VmcoreInfo`, or None when /proc/kcore
-        cannot be opened (not root, lockdown, no CONFIG_PROC_KCORE) or carries no note.
-    """
-    from collector.acquire.sources import Kcore
-    from collector.kernel.vmcoreinfo import VmcoreInfo
-
-    try:
-        with Kcore(as_sysroot(sysroot)) as kcore:
-            text = kcore.vmcoreinfo
-    except (OSError, CollectorError):
-        return None
-    if not text:
-        return None
-    try:
-        return VmcoreInfo.parse(text)
-    except CollectorError:
-        return None
 
 
 def uname() -> dict[str, str]:

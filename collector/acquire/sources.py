@@ -11,9 +11,8 @@ import bisect
 import errno
 import os
 from collections import defaultdict
-from dataclasses import dataclass
 from functools import partial
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from collector.acquire.host import as_sysroot, kernel_config, lockdown_state
 from collector.acquire.iomem import U64_MAX, Range, parse_iomem, system_ram
@@ -32,7 +31,11 @@ from collector.elf import (
     parse_program_headers,
 )
 from collector.errors import CollectorError
+from collector.kcore import KcoreSegment, classify_loads
 from collector.sysroot import Sysroot
+
+if TYPE_CHECKING:
+    from collector.kernel.vmcoreinfo import VmcoreInfo
 
 DEV_MEM = "/dev/mem"
 PROC_KCORE = "/proc/kcore"
@@ -185,32 +188,6 @@ class DevCrash(Source):
         return b"".join(out)
 
 
-@dataclass(frozen=True)
-class KcoreSegment:
-    """One PT_LOAD of /proc/kcore.
-
-    ``kind`` is ``ram`` for the direct map (the physical reads come from these), ``text``
-    for another mapping of physical memory (the kernel image), ``virtual`` for memory with no
-    physical address given (vmalloc, modules, vmemmap: ``p_paddr = -1``, or old layouts).
-    ``paddr`` is the physical address used for reads (None unless ``ram``).
-    """
-
-    index: int
-    p_offset: int
-    p_vaddr: int
-    p_paddr: int
-    p_filesz: int
-    p_memsz: int
-    kind: str
-    paddr: int | None = None
-
-    @property
-    def phys_range(self) -> Range | None:
-        if self.paddr is None:
-            return None
-        return Range(self.paddr, self.paddr + self.p_filesz)
-
-
 class Kcore(Source):
     """/proc/kcore: an ELF core of kernel virtual memory, read here as physical memory.
 
@@ -320,24 +297,7 @@ class Kcore(Source):
     ) -> tuple[str, int | None, list[KcoreSegment]]:
         if loads and all(p_paddr == 0 for _i, _o, _v, p_paddr, _f, _m in loads):
             return self._classify_old(loads, ram)
-        totals: dict[int, int] = defaultdict(int)
-        for _i, _off, vaddr, paddr, filesz, _memsz in loads:
-            if paddr != U64_MAX:
-                totals[(vaddr - paddr) & U64_MAX] += filesz
-        base = None
-        if totals:
-            # The direct map holds all of RAM, so its offset carries the most bytes; the
-            # kernel text mapping is the only other physical one.
-            base = min(totals, key=lambda d: (-totals[d], d))
-        segments = []
-        for i, off, vaddr, paddr, filesz, memsz in loads:
-            if paddr == U64_MAX:
-                kind, phys = "virtual", None
-            elif (vaddr - paddr) & U64_MAX == base:
-                kind, phys = "ram", paddr
-            else:
-                kind, phys = "text", None
-            segments.append(KcoreSegment(i, off, vaddr, paddr, filesz, memsz, kind, phys))
+        base, segments = classify_loads(loads)
         return "p_paddr", base, segments
 
     def _classify_old(
@@ -421,9 +381,9 @@ class Kcore(Source):
     def coverage(self, start: int, end: int) -> list[Range]:
         pieces: list[Range] = []
         for seg in self._phys:
-            r = seg.phys_range
-            assert r is not None
-            part = r.intersect(Range(start, end))
+            span = seg.phys_span
+            assert span is not None
+            part = Range(*span).intersect(Range(start, end))
             if part is None:
                 continue
             if pieces and part.start <= pieces[-1].end:
@@ -504,3 +464,24 @@ def _config_hint(name: str, sysroot: Sysroot) -> str:
     if found and found[0].get(option) == "n":
         return f"; {option} is not set"
     return ""
+
+
+def live_vmcoreinfo(sysroot: Sysroot | str | None = None) -> VmcoreInfo | None:
+    """The running kernel's VMCOREINFO, from /proc/kcore's note (Linux 4.19 and later).
+
+    :returns: a :class:`collector.kernel.vmcoreinfo.VmcoreInfo`, or None when /proc/kcore
+        cannot be opened (not root, lockdown, no CONFIG_PROC_KCORE) or carries no note.
+    """
+    from collector.kernel.vmcoreinfo import VmcoreInfo
+
+    try:
+        with Kcore(as_sysroot(sysroot)) as kcore:
+            text = kcore.vmcoreinfo
+    except (OSError, CollectorError):
+        return None
+    if not text:
+        return None
+    try:
+        return VmcoreInfo.parse(text)
+    except CollectorError:
+        return None

@@ -11,12 +11,9 @@ import struct
 from array import array
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import NamedTuple
 
 from collector.errors import ImageError
-
-if TYPE_CHECKING:
-    import construct
 
 BTF_MAGIC = 0xEB9F
 BTF_VERSION = 1
@@ -235,7 +232,6 @@ class BTF:
         self._names: dict[str, list[int]] | None = None
         self._enumerators: dict[str, list[tuple[int, int]]] | None = None
         self._pointer_size: int | None = None
-        self._constructs: dict[int, Any] = {}
         self._scopes: dict[int, dict[str, tuple[int, Member]]] = {}
         self._scoping: set[int] = set()
 
@@ -679,21 +675,12 @@ class BTF:
             raise ImageError(f"BTF has no enumerator named {enumerator!r}")
         return hits[0][1]
 
-    # ------------------------------------------------------------------ construct definitions
+    def aggregate_id(self, name: str) -> int:
+        """The type id of ``struct name`` or ``union name`` (a typedef to one is followed).
 
-    def construct_for(self, type_id: int) -> construct.Construct:
-        """A construct definition for any sized type id (cached); see collector.kernel.ctypes."""
-        cached = self._constructs.get(type_id)
-        if cached is None:
-            from collector.kernel.ctypes import build_construct
-
-            cached = build_construct(self, type_id)
-            self._constructs[type_id] = cached
-        return cached
-
-    def struct(self, name: str) -> construct.Construct:
-        """The construct definition of ``struct name`` or ``union name`` (or a typedef to one)."""
-        return self.construct_for(self.resolve(self._id(name, _AGGREGATES)))
+        :raises ImageError: there is no such struct or union.
+        """
+        return self.resolve(self._id(name, _AGGREGATES))
 
 
 # ---------------------------------------------------------------------- VMCOREINFO

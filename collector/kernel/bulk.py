@@ -13,7 +13,7 @@ import numpy as np
 from construct import Array, Bytes, BytesInteger, FormatField
 
 from collector.errors import ImageError
-from collector.kernel.ctypes import CBitField, CStruct
+from collector.kernel.constructs import CBitField, CStruct
 
 # construct.FormatField codes and the numpy kinds of the same width.
 _NUMPY_CODES = {
@@ -49,7 +49,7 @@ def dtype_for(defn: construct.Construct) -> np.dtype:
     Fields keep their explicit offsets, so overlapping union members coexist; a nested struct
     becomes a nested dtype; an array a sub-array; ``char[]`` (Bytes) an ``S`` string; a bitfield
     its raw storage unit, whose dtype metadata lets :func:`bitfield` extract the value.
-    Supports what collector.kernel.ctypes builds plus construct's FormatField, Bytes,
+    Supports what collector.kernel.constructs builds plus construct's FormatField, Bytes,
     BytesInteger (as raw ``V`` bytes), Array, Renamed and sequential Struct (with Padding).
     """
     if isinstance(defn, CStruct):

@@ -10,16 +10,16 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from collector import profiles
 from collector.errors import CollectorError, ImageError, NotApplicable
+from collector.kernel.constructs import struct_definition
+from collector.kernel.kallsyms_decode import decode_kallsyms
 from collector.kernel.symbols import KallsymsHidden, SymbolTable
 from collector.kernel.vmcoreinfo import VmcoreInfo, scan_for_vmcoreinfo
 from collector.memory import PhysicalMemory
-from profiles.x86_64 import (
-    KernelLayout,
-    Translation,
-    X86_64Paging,
-    top_table_from_vmcoreinfo,
-)
+
+#: The profile of an image whose header names none (LiME files, ELF cores, raw dumps).
+DEFAULT_PROFILE = "x86_64"
 
 #: The largest single virtual read; larger ones are a caller's bug or hostile sizes.
 MAX_READ = 256 * 1024 * 1024
@@ -68,6 +68,9 @@ class Kernel:
     :param vmcoreinfo: use this instead of the image's own (tests, external notes).
     :param symbols: use this table instead of building one from the image.
     :param btf: use these BTF types instead of parsing blob ``btf``.
+    :param profile: the architecture profile's name; by default the one the image's header
+        names, else :data:`DEFAULT_PROFILE`. Profiles come from :mod:`collector.profiles`.
+    :raises CollectorError: the profile is unknown.
     """
 
     def __init__(
@@ -76,8 +79,14 @@ class Kernel:
         vmcoreinfo: VmcoreInfo | None = None,
         symbols: SymbolTable | None = None,
         btf: Any | None = None,
+        profile: str | None = None,
     ) -> None:
         self.memory = memory
+        if profile is None:
+            named = (getattr(memory, "metadata", None) or {}).get("profile")
+            profile = named if isinstance(named, str) and named else DEFAULT_PROFILE
+        #: The architecture profile: page-table walker and address-space layout.
+        self.profile = profiles.get(profile)
         #: Fallbacks taken while working things out, one line each, for reports.
         self.notes: list[str] = []
         self._vmcoreinfo = _Lazy(
@@ -100,7 +109,7 @@ class Kernel:
         return self._vmcoreinfo.get()
 
     @property
-    def paging(self) -> X86_64Paging:
+    def paging(self) -> Any:
         """The page-table walker for the kernel's own tables (``init_top_pgt``)."""
         return self._paging.get()
 
@@ -110,7 +119,7 @@ class Kernel:
         return self._symbols.get()
 
     @property
-    def layout(self) -> KernelLayout:
+    def layout(self) -> Any:
         """Where the kernel put the direct map, the vmemmap and its image."""
         return self._layout.get()
 
@@ -137,9 +146,8 @@ class Kernel:
             )
         return found
 
-    def _make_paging(self) -> X86_64Paging:
-        top, levels, sme_mask = top_table_from_vmcoreinfo(self.vmcoreinfo)
-        return X86_64Paging(self.memory, top, levels, sme_mask)
+    def _make_paging(self) -> Any:
+        return self.profile.paging_for(self.memory, self.vmcoreinfo)
 
     def _make_symbols(self) -> SymbolTable:
         table: SymbolTable | None = None
@@ -159,14 +167,14 @@ class Kernel:
             return table
         if table is None:
             try:
-                table = SymbolTable.decode_kallsyms(self.read_virt, vmcoreinfo)
+                table = decode_kallsyms(self.read_virt, vmcoreinfo)
             except CollectorError as exc:
                 self.notes.append(f"kallsyms not decoded ({exc}); only VMCOREINFO symbols")
                 return SymbolTable.from_vmcoreinfo(vmcoreinfo)
         return table.merged(SymbolTable.from_vmcoreinfo(vmcoreinfo))
 
-    def _make_layout(self) -> KernelLayout:
-        layout = KernelLayout.from_image(
+    def _make_layout(self) -> Any:
+        layout = self.profile.Layout.from_image(
             self.memory, self.vmcoreinfo, _SymbolsIfAny(self), paging=self.paging
         )
         self.notes.extend(layout.notes)
@@ -203,7 +211,7 @@ class Kernel:
 
     # -- addresses ---------------------------------------------------------------------------
 
-    def translate(self, vaddr: int) -> Translation:
+    def translate(self, vaddr: int) -> Any:
         """Walk the kernel's page tables for ``vaddr``, every step recorded."""
         return self.paging.translate(vaddr)
 
@@ -308,7 +316,7 @@ class Kernel:
 
     def struct(self, name: str) -> Any:
         """The construct definition of ``struct name`` from BTF."""
-        return self.btf.struct(name)
+        return struct_definition(self.btf, name)
 
     def read_struct(self, name: str, vaddr: int) -> Any:
         """Parse one ``struct name`` at ``vaddr``.
@@ -317,7 +325,7 @@ class Kernel:
         """
         import construct
 
-        definition = self.btf.struct(name)
+        definition = struct_definition(self.btf, name)
         data = self.read_virt(vaddr, self.btf.sizeof(name))
         try:
             return definition.parse(data)
@@ -331,7 +339,7 @@ class Kernel:
         size = self.btf.sizeof(name)
         if count < 0 or size * count > MAX_READ:
             raise ImageError(f"{count} x struct {name} ({size} bytes each) is too large a read")
-        definition = self.btf.struct(name)
+        definition = struct_definition(self.btf, name)
         return bulk_view(self.read_virt(vaddr, size * count), definition, count)
 
 

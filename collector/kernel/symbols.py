@@ -7,7 +7,7 @@ Name to address and address to name, like the kernel's ``kallsyms_lookup_name()`
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from collector.errors import ImageError, NotApplicable
@@ -108,15 +108,6 @@ class SymbolTable:
     def from_vmcoreinfo(cls, vmcoreinfo: VmcoreInfo) -> SymbolTable:
         """The ``SYMBOL(name)`` entries of VMCOREINFO (a few dozen well-known symbols)."""
         return cls((Symbol(n, a) for n, a in vmcoreinfo.symbols().items()), "vmcoreinfo")
-
-    @classmethod
-    def decode_kallsyms(
-        cls, read_virt: Callable[[int, int], bytes], vmcoreinfo: VmcoreInfo
-    ) -> SymbolTable:
-        """Decode the kernel's compressed kallsyms tables from memory (see kallsyms_decode)."""
-        from collector.kernel.kallsyms_decode import decode_kallsyms
-
-        return decode_kallsyms(read_virt, vmcoreinfo)
 
     def merged(self, other: SymbolTable) -> SymbolTable:
         """This table plus ``other``'s symbols whose names this one lacks."""

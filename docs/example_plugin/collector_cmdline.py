@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from collector.plugins import Analysis, Field, hookimpl
+from collector.plugin_manager import Analysis, Field, hookimpl
 
 if TYPE_CHECKING:
     from collector.kernel.kernel import Kernel

@@ -10,7 +10,7 @@ import pytest
 from collector.analyze import analyze_kernel
 from collector.errors import NotApplicable
 from collector.memory import Fate, PageNotCaptured
-from collector.plugins import PluginManager
+from collector.plugin_manager import PluginManager
 
 SYMBOL = 0xFFFFFFFF82A0C2B8  # &saved_command_line, in the kernel image
 PAGE_OFFSET = 0xFFFF888000000000  # the direct map of physical memory (without KASLR)

@@ -81,7 +81,7 @@ def test_this_machine_without_privileges():
 def test_debian_guests(name):
     roots = parse_iomem(read(name))
     ram = system_ram(roots)
-    # KERNEL-FACTS: "00001000-0009fbff : System RAM", then RAM from 1 MiB to 0x1ffdffff.
+    # A Debian 6.1 guest showed "00001000-0009fbff : System RAM", then RAM from 1 MiB to 0x1ffdffff.
     assert ram == [Range(0x1000, 0x9FC00), Range(0x100000, 0x1FFE0000)]
     assert [r.display() for r in ram] == ["0x1000-0x9fbff", "0x100000-0x1ffdffff"]
     assert ram[0].last == 0x9FBFF

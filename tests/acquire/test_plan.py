@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from collector.acquire import host
+from collector.acquire import host, sources
 from collector.acquire.iomem import Range, parse_range
 from collector.acquire.plan import make_plan
 from collector.errors import CollectorError
@@ -456,7 +456,7 @@ def test_host_identity_and_cpu(tmp_path):
         assert ident["missing"] == {"machine_id": "/etc/machine-id: No such file or directory"}
         assert host.cpu_flags(fake.sysroot) == sorted(FakeHost.cpu_flags.split())
         assert host.machine(fake.sysroot) == "x86_64"
-        info = host.live_vmcoreinfo(fake.sysroot)
+        info = sources.live_vmcoreinfo(fake.sysroot)
         assert info is not None and info.osrelease == "6.1.0-fake-amd64"
     json.dumps(ident)
     assert host.cpu_flags(tmp_path / "nowhere") == []

@@ -366,7 +366,7 @@ def test_open_not_present_names_the_config_option(tmp_path):
 
 
 def test_a_device_node_without_its_driver_is_enxio(tmp_path):
-    # KERNEL-FACTS: `mknod c 1 1` on a kernel without /dev/mem gives ENXIO on open.
+    # `mknod c 1 1` on a kernel without the /dev/mem driver gives a node whose open fails with ENXIO.
     (tmp_path / "dev").mkdir()
     try:
         os.mknod(tmp_path / "dev" / "mem", 0o600 | 0o020000, os.makedev(1, 1))

@@ -14,7 +14,13 @@ from hypothesis import strategies as st
 from collector.errors import ImageError
 from collector.kernel.btf import BTF, Kind, Member, cross_check
 from collector.kernel.bulk import dtype_for
-from collector.kernel.ctypes import CBitField, CStruct, parse_struct
+from collector.kernel.constructs import (
+    CBitField,
+    CStruct,
+    construct_for,
+    parse_struct,
+    struct_definition,
+)
 from tests.kernel.btf_encoder import SAMPLE_SIZE, Encoder, info, sample, sample_record
 
 VMLINUX = "/sys/kernel/btf/vmlinux"
@@ -329,7 +335,7 @@ def test_reference_cycles_are_errors_not_hangs() -> None:
     with pytest.raises(ImageError, match="cyclic"):
         btf.sizeof(3)
     with pytest.raises(ImageError, match="contains itself"):
-        btf.struct("selfish")
+        struct_definition(btf, "selfish")
     enc = Encoder()
     enc.typedef("dangling", 99)
     with pytest.raises(ImageError, match="type id 99 is out of range"):
@@ -347,7 +353,7 @@ def test_anonymous_member_cycle_and_duplicates_are_errors() -> None:
     with pytest.raises(ImageError, match="two members named 'x'"):
         btf.offsetof("twice", "x")
     with pytest.raises(ImageError, match="two members named 'x'"):
-        btf.struct("twice")
+        struct_definition(btf, "twice")
 
 
 # ---------------------------------------------------------------------- construct
@@ -356,7 +362,7 @@ def test_anonymous_member_cycle_and_duplicates_are_errors() -> None:
 def test_sample_struct_parses_every_feature(both: tuple[BTF, dict[str, int]]) -> None:
     btf, _ = both
     data, v = sample_record(btf.endian)
-    p = btf.struct("sample").parse(data)
+    p = struct_definition(btf, "sample").parse(data)
     assert p.flags == v["flags"]
     assert (p.lru.next, p.lru.prev) == (v["next"], v["prev"])
     assert p.compound_head == v["next"]  # same bytes as lru.next: a union
@@ -378,17 +384,17 @@ def test_sample_struct_parses_every_feature(both: tuple[BTF, dict[str, int]]) ->
 
 def test_bitfield_storage_units_follow_the_declared_type(le: tuple[BTF, dict[str, int]]) -> None:
     btf, _ = le
-    s = btf.struct("sample")
+    s = struct_definition(btf, "sample")
     assert s.field("a") == CBitField("a", 24, 4, 0, 3, False)
     assert s.field("b") == CBitField("b", 24, 4, 3, 5, True)
     assert s.field("f") == CBitField("f", 112, 8, 40, 20, True)
-    old = btf.struct("oldbits").parse(struct.pack("<I", 0b1011_00_10110_101))
+    old = struct_definition(btf, "oldbits").parse(struct.pack("<I", 0b1011_00_10110_101))
     assert (old.x, old.y, old.z) == (0b101, -10, 0b1011)
 
 
 def test_packed_bitfield_straddling_its_unit() -> None:
     btf = BTF.parse(sample("<")[0])
-    packed = btf.struct("packed3")
+    packed = struct_definition(btf, "packed3")
     # p = 0xABC at bit 6, q = 0x9 at bit 18, in a 3-byte little-endian window
     raw = (0xABC << 6 | 0x9 << 18).to_bytes(3, "little")
     p = packed.parse(raw)
@@ -398,7 +404,7 @@ def test_packed_bitfield_straddling_its_unit() -> None:
 
 def test_build_round_trips(both: tuple[BTF, dict[str, int]]) -> None:
     btf, _ = both
-    s = btf.struct("sample")
+    s = struct_definition(btf, "sample")
     data, _ = sample_record(btf.endian, salt=3)
     parsed = s.parse(data)
     rebuilt = s.build(parsed)
@@ -414,7 +420,7 @@ def test_build_round_trips(both: tuple[BTF, dict[str, int]]) -> None:
 
 def test_parse_struct_checks_bounds(le: tuple[BTF, dict[str, int]]) -> None:
     btf, _ = le
-    s = btf.struct("sample")
+    s = struct_definition(btf, "sample")
     data, v = sample_record()
     assert parse_struct(s, b"\0" * 8 + data, 8).flags == v["flags"]
     assert parse_struct(s, memoryview(data)).flags == v["flags"]
@@ -424,25 +430,25 @@ def test_parse_struct_checks_bounds(le: tuple[BTF, dict[str, int]]) -> None:
         parse_struct(s, data, -1)
     with pytest.raises(construct.StreamError):
         s.parse(data[:-1])
-    assert parse_struct(btf.construct_for(btf.find("pageflags")), b"\x04\0\0\0") == 4
+    assert parse_struct(construct_for(btf, btf.find("pageflags")), b"\x04\0\0\0") == 4
     with pytest.raises(ImageError, match="needs 4 bytes"):
-        parse_struct(btf.construct_for(btf.find("pageflags")), b"\x04")
+        parse_struct(construct_for(btf, btf.find("pageflags")), b"\x04")
 
 
 def test_struct_definitions_are_cached_and_composable(le: tuple[BTF, dict[str, int]]) -> None:
     btf, ids = le
-    assert btf.struct("sample") is btf.struct("sample")
-    assert btf.construct_for(ids["atomic_t"]) is btf.construct_for(ids["atomic_body"])
-    assert btf.struct("atomic_t") is btf.construct_for(ids["atomic_body"])
-    lh = btf.struct("list_head")
+    assert struct_definition(btf, "sample") is struct_definition(btf, "sample")
+    assert construct_for(btf, ids["atomic_t"]) is construct_for(btf, ids["atomic_body"])
+    assert struct_definition(btf, "atomic_t") is construct_for(btf, ids["atomic_body"])
+    lh = struct_definition(btf, "list_head")
     pair = construct.Struct("a" / lh, "n" / construct.Int8ul)
     parsed = pair.parse(struct.pack("<QQB", 1, 2, 3))
     assert (parsed.a.next, parsed.a.prev, parsed.n) == (1, 2, 3)
     assert construct.Array(2, lh).parse(struct.pack("<4Q", 1, 2, 3, 4))[1].prev == 4
     with pytest.raises(ImageError, match="no struct/union named 'pageflags'"):
-        btf.struct("pageflags")
+        struct_definition(btf, "pageflags")
     with pytest.raises(ImageError, match="has no layout"):
-        btf.construct_for(ids["fwd_union"])
+        construct_for(btf, ids["fwd_union"])
 
 
 def test_member_outside_its_struct_is_an_error() -> None:
@@ -450,7 +456,7 @@ def test_member_outside_its_struct_is_an_error() -> None:
     enc.int("long", 8, 1)
     enc.struct("tight", 4, [("x", 1, 0)])
     with pytest.raises(ImageError, match=r"member .x. of struct tight .* lies outside its 4 bytes"):
-        BTF.parse(enc.encode()).struct("tight")
+        struct_definition(BTF.parse(enc.encode()), "tight")
 
 
 def test_zero_size_amplification_is_refused() -> None:
@@ -460,7 +466,7 @@ def test_zero_size_amplification_is_refused() -> None:
     enc.struct("huge", 0, [("many", 2, 0)])
     btf = BTF.parse(enc.encode())
     with pytest.raises(ImageError, match="more than"):
-        btf.struct("huge")
+        struct_definition(btf, "huge")
 
 
 # ---------------------------------------------------------------------- VMCOREINFO
@@ -538,7 +544,7 @@ def _exercise(blob: bytes) -> None:
                 for m in btf.members(tid):
                     if m.name.isidentifier():
                         btf.has_member(tid, m.name)
-                defn = btf.construct_for(tid)
+                defn = construct_for(btf, tid)
                 if defn.sizeof() <= 4096:
                     parse_struct(defn, bytes(range(256)) * 16)
                     dtype_for(defn)
@@ -623,7 +629,7 @@ def test_real_vmlinux_parses_and_answers(vmlinux: BTF) -> None:
     assert vmlinux.enum_value(None, "TASK_COMM_LEN") == 16
     assert vmlinux.enum_value("pid_type", "PIDTYPE_TGID") == 1
     assert vmlinux.pointer_size == 8
-    task = vmlinux.struct("task_struct")
+    task = struct_definition(vmlinux, "task_struct")
     assert task.size == vmlinux.sizeof("task_struct")
     assert task.field("comm") == (
         "comm",
@@ -638,7 +644,7 @@ def test_real_vmlinux_parses_and_answers(vmlinux: BTF) -> None:
 
 
 def test_real_struct_page_matches_vmcoreinfo(vmlinux: BTF) -> None:
-    # VMCOREINFO of a Debian 6.1 kernel (KERNEL-FACTS.md). include/linux/mm_types.h keeps these
+    # VMCOREINFO of a Debian 6.1 kernel. include/linux/mm_types.h keeps these
     # members at the same places through 6.18: flags, a 40-byte union of lru/compound_head/
     # mapping/private, the _mapcount/page_type union, then _refcount.
     vmcoreinfo = {
@@ -661,7 +667,7 @@ def test_every_real_struct_builds(vmlinux: BTF) -> None:
     built = 0
     for tid in range(1, len(vmlinux) + 1):
         if vmlinux.kind(tid) in (Kind.STRUCT, Kind.UNION):
-            defn = vmlinux.construct_for(tid)
+            defn = construct_for(vmlinux, tid)
             assert isinstance(defn, CStruct) and defn.size == vmlinux.sizeof(tid)
             built += 1
     assert built > 1000
@@ -669,4 +675,4 @@ def test_every_real_struct_builds(vmlinux: BTF) -> None:
     noise = os.urandom(1 << 17)
     for tid in range(1, len(vmlinux) + 1, 97):
         if vmlinux.kind(tid) in (Kind.STRUCT, Kind.UNION) and vmlinux.sizeof(tid) <= len(noise):
-            parse_struct(vmlinux.construct_for(tid), noise)
+            parse_struct(construct_for(vmlinux, tid), noise)

@@ -12,7 +12,7 @@ import pytest
 from collector.errors import ImageError
 from collector.kernel.btf import BTF
 from collector.kernel.bulk import bitfield, bulk_view, dtype_for
-from collector.kernel.ctypes import CBitField, CStruct
+from collector.kernel.constructs import CBitField, CStruct, struct_definition
 from tests.kernel.btf_encoder import SAMPLE_SIZE, sample, sample_record
 
 VMLINUX = "/sys/kernel/btf/vmlinux"
@@ -40,7 +40,7 @@ def _same(subcon: Any, value: Any, numpy_value: Any, path: str) -> None:
 @pytest.mark.parametrize("endian", ["<", ">"])
 def test_numpy_view_equals_construct_for_every_field(endian: str) -> None:
     btf = BTF.parse(sample(endian)[0])
-    defn = btf.struct("sample")
+    defn = struct_definition(btf, "sample")
     records = [sample_record(endian, salt)[0] for salt in range(5)]
     data = b"".join(records)
     view = bulk_view(data, defn, len(records))
@@ -62,7 +62,7 @@ def test_numpy_view_equals_construct_for_every_field(endian: str) -> None:
 
 def test_dtype_offsets_follow_btf() -> None:
     btf = BTF.parse(sample()[0])
-    dt = dtype_for(btf.struct("sample"))
+    dt = dtype_for(struct_definition(btf, "sample"))
     expected = {
         "flags": 0,
         "lru": 8,
@@ -88,12 +88,12 @@ def test_dtype_offsets_follow_btf() -> None:
     assert dt.fields["ratio"][0] == np.dtype("<f8")
     assert dt.fields["minus"][0] == np.dtype("<i8")
     assert dt.fields["data"][0].shape == (0,)
-    assert dtype_for(btf.struct("sample")) is dt
+    assert dtype_for(struct_definition(btf, "sample")) is dt
 
 
 def test_packed_bitfield_in_a_three_byte_window() -> None:
     btf = BTF.parse(sample()[0])
-    packed = btf.struct("packed3")
+    packed = struct_definition(btf, "packed3")
     raw = b"".join(
         (p << 6 | q << 18).to_bytes(3, "little") for p, q in [(0xABC, 9), (1, 15), (0xFFF, 0)]
     )
@@ -104,7 +104,7 @@ def test_packed_bitfield_in_a_three_byte_window() -> None:
 
 def test_bitfield_in_a_nested_struct_and_errors() -> None:
     btf = BTF.parse(sample()[0])
-    outer = construct.Struct("inner" / btf.struct("oldbits"), "n" / construct.Int32ul)
+    outer = construct.Struct("inner" / struct_definition(btf, "oldbits"), "n" / construct.Int32ul)
     dt = dtype_for(outer)
     data = struct.pack("<II", 0b1011_00_10110_101, 7)
     view = np.frombuffer(data, dt)
@@ -118,7 +118,7 @@ def test_bitfield_in_a_nested_struct_and_errors() -> None:
 
 def test_bulk_view_checks_length() -> None:
     btf = BTF.parse(sample()[0])
-    defn = btf.struct("sample")
+    defn = struct_definition(btf, "sample")
     data = sample_record()[0] * 2
     assert len(bulk_view(data, defn, 2)) == 2
     assert len(bulk_view(data, defn, 1, offset=SAMPLE_SIZE)) == 1
@@ -151,9 +151,9 @@ def test_real_struct_page_dtype() -> None:
             btf = BTF.parse(f.read())
     except OSError as e:
         pytest.skip(f"{VMLINUX} is not readable here: {e.strerror}")
-    page = btf.struct("page")
+    page = struct_definition(btf, "page")
     dt = dtype_for(page)
-    # SIZE/OFFSET values of VMCOREINFO on a Debian 6.1 kernel (KERNEL-FACTS.md); struct page
+    # SIZE/OFFSET values of VMCOREINFO on a Debian 6.1 kernel; struct page
     # in include/linux/mm_types.h keeps them through 6.18.
     assert dt.itemsize == page.sizeof() == 64
     offsets = {

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import struct
 
-import construct
 import pytest
 
 from collector.errors import ImageError, NotApplicable
+from collector.kernel.btf import BTF
 from collector.kernel.kernel import MAX_READ, Kernel
 from collector.kernel.symbols import SymbolNotFound
 from collector.memory import PageNotCaptured
-from profiles.x86_64 import PageNotPresent
+from collector.profiles.x86_64 import PageNotPresent
 from tests.kernel import kallsyms_layout
+from tests.kernel.btf_encoder import Encoder
 from tests.kernel.pagetables import PageTableBuilder
 
 MiB = 1 << 20
@@ -181,18 +182,14 @@ def test_btf_is_lazy_and_structs_delegate():
     with pytest.raises(NotApplicable, match="BTF"):
         _ = Kernel(memory).btf
 
-    pair = construct.Struct("a" / construct.Int32ul, "b" / construct.Int64ul)
-
-    class FakeBTF:
-        def struct(self, name):
-            assert name == "pair"
-            return pair
-
-        def sizeof(self, name):
-            return 12
-
-    k = Kernel(memory, btf=FakeBTF())
-    assert k.struct("pair") is pair
+    # struct pair { u32 a; u64 b; } __packed;
+    enc = Encoder()
+    u32 = enc.int("unsigned int", 4)
+    u64 = enc.int("long long unsigned int", 8)
+    enc.struct("pair", 12, [("a", u32, 0), ("b", u64, 32)])
+    k = Kernel(memory, btf=BTF.parse(enc.encode()))
+    assert k.struct("pair") is k.struct("pair")
+    assert [f.name for f in k.struct("pair").fields] == ["a", "b"]
     got = k.read_struct("pair", VMALLOC + 4)
     assert (got.a, got.b) == (0x07060504, 0x0F0E0D0C0B0A0908)
     pytest.importorskip("collector.kernel.bulk")

@@ -144,7 +144,7 @@ def test_decode_every_address_encoding(mode):
 
 def test_decode_via_symbol_table_builder():
     image = kallsyms_layout.build(SYMBOLS[3:-1], BASE, mode="relative")
-    table = SymbolTable.decode_kallsyms(image.read, vmcoreinfo_for(image))
+    table = decode_kallsyms(image.read, vmcoreinfo_for(image))
     assert table.lookup("do_one_initcall") == 0xFFFFFFFF81001F20
 
 

@@ -14,7 +14,7 @@ from collector.errors import ImageError
 from collector.image.sparse import SparseMemory
 from collector.kernel.vmcoreinfo import VmcoreInfo, scan_for_vmcoreinfo
 from collector.memory import Fate, PageFate
-from profiles.x86_64 import pa_symbol, top_table_from_vmcoreinfo
+from collector.profiles.x86_64 import pa_symbol, top_table_from_vmcoreinfo
 
 FIXTURE = Path(__file__).parent.parent / "data" / "kernel" / "vmcoreinfo-6.1.txt"
 

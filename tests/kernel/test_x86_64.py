@@ -12,18 +12,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import profiles
+from collector import profiles
 from collector.errors import CollectorError, ImageError
+from collector.kcore import parse_kcore_phdrs
 from collector.kernel.vmcoreinfo import VmcoreInfo
 from collector.memory import Fate, PageFate, PageNotCaptured
-from profiles.x86_64 import (
+from collector.profiles.x86_64 import (
     KernelLayout,
     NonCanonicalAddress,
     PageNotPresent,
     TranslationError,
     X86_64Paging,
     check_machine,
-    parse_kcore_phdrs,
 )
 from tests.kernel.pagetables import PAT_LARGE, PS, PageTableBuilder
 

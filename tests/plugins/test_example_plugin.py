@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 
 from collector.analyze import analyze_kernel
-from collector.plugins import DISABLE_AUTOLOAD_ENV, ENTRY_POINT_GROUP, PluginInfo, PluginManager
+from collector.plugin_manager import (
+    DISABLE_AUTOLOAD_ENV,
+    ENTRY_POINT_GROUP,
+    PluginInfo,
+    PluginManager,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "example_plugin"
 GUIDE = EXAMPLE.parent / "plugins.md"

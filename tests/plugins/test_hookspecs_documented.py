@@ -102,7 +102,7 @@ def test_guide_names_only_what_the_kernel_has() -> None:
 
 @pytest.mark.parametrize("name", ["sysinfo", "kallsyms"])
 def test_guide_documents_every_builtin_field_and_option(name: str) -> None:
-    from collector.plugins import PluginManager
+    from collector.plugin_manager import PluginManager
 
     analysis = PluginManager(autoload=False).analysis(name).analysis
     text = section(f"### {name}")

@@ -11,7 +11,7 @@ from collector.analyze import analyze_kernel
 from collector.errors import NotApplicable
 from collector.image.sparse import SparseMemory
 from collector.kernel.kernel import Kernel
-from collector.plugins import DISABLE_AUTOLOAD_ENV, PluginManager
+from collector.plugin_manager import DISABLE_AUTOLOAD_ENV, PluginManager
 
 VMCOREINFO = (
     b"OSRELEASE=6.1.0-56-amd64\n"

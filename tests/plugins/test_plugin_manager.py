@@ -17,7 +17,7 @@ from collector import cli_analysis
 from collector.analyze import analyze_kernel, resolve_options
 from collector.errors import CollectorError, NotApplicable
 from collector.memory import Fate, PageNotCaptured
-from collector.plugins import (
+from collector.plugin_manager import (
     DISABLE_AUTOLOAD_ENV,
     Analysis,
     Field,
@@ -91,7 +91,7 @@ def install_distribution(
 
 
 THIRD_PARTY = """
-    from collector.plugins import Analysis, Field, hookimpl
+    from collector.plugin_manager import Analysis, Field, hookimpl
 
     @hookimpl
     def collector_analyses():

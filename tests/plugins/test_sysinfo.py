@@ -15,8 +15,8 @@ from collector.analyze import analyze_kernel, run_analysis
 from collector.image.writer import ImageWriter
 from collector.kernel.kernel import Kernel
 from collector.memory import Fate, PageFate
-from collector.plugins import DISABLE_AUTOLOAD_ENV, PluginManager
-from plugins import sysinfo
+from collector.plugin_manager import DISABLE_AUTOLOAD_ENV, PluginManager
+from collector.plugins import sysinfo
 from tests.kernel.btf_encoder import INT_SIGNED, Encoder
 from tests.kernel.pagetables import PageTableBuilder
 

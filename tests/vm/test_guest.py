@@ -56,6 +56,10 @@ def test_guest_runs_the_hosts_python_and_this_checkout(guest: Guest) -> None:
     assert "shims" not in result.stdout
     assert module == str(guest.repo / "collector" / "__init__.py")
     assert os.path.realpath(executable) == real or os.path.dirname(executable) == bindir
+    # The console script, run from elsewhere, imports this checkout too, not whichever
+    # checkout the host's environment has installed.
+    version = guest.run("cd / && collect --version").check().stdout
+    assert version.split(" from ")[1].split(" (")[0] == str(guest.repo / "collector")
 
 
 def test_guest_cpu_runs_the_collectors_dependencies(guest: Guest) -> None:

@@ -342,7 +342,8 @@ class Guest:
     # -- commands -----------------------------------------------------------------------------
 
     def run_background(self, command: str) -> Job:
-        """Start a shell command as root in the chroot (cwd = the checkout); do not wait."""
+        """Start a shell command as root in the chroot (cwd and PYTHONPATH = the checkout); do
+        not wait."""
         self._check_running("starting a command")
         number = self._next
         self._next += 1
@@ -350,6 +351,9 @@ class Guest:
             [
                 f"export PATH={shlex.quote(guest_path_env())}",
                 "export HOME=/tmp LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1",
+                # `collect` and `python -m collector` import this checkout, whichever
+                # checkout the host's environment has installed.
+                f"export PYTHONPATH={shlex.quote(str(self.repo))}",
                 f"cd {shlex.quote(str(self.repo))} || exit 126",
                 command,
                 "",

@@ -13,7 +13,7 @@ from collector.errors import CollectorError
 
 # Profile name -> module; modules are imported only when asked for.
 _PROFILES = {
-    "x86_64": "profiles.x86_64",
+    "x86_64": "collector.profiles.x86_64",
 }
 
 

@@ -14,15 +14,9 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import NamedTuple, Protocol
 
-from collector.elf import (
-    NO_PADDR,
-    PT_LOAD,
-    ElfError,
-    PhdrLimits,
-    parse_elf_header,
-    parse_program_headers,
-)
+from collector.elf import NO_PADDR
 from collector.errors import CollectorError, ImageError
+from collector.kcore import KcoreSegment, parse_kcore_phdrs
 from collector.kernel.vmcoreinfo import VmcoreInfo
 from collector.memory import PageNotCaptured, PhysicalMemory
 
@@ -231,42 +225,12 @@ class _SymbolSource(Protocol):
     def get(self, name: str) -> int | None: ...
 
 
-@dataclass(frozen=True)
-class KcoreSegment:
-    """One PT_LOAD of /proc/kcore: ``paddr`` is None where kcore gives no physical address."""
-
-    vaddr: int
-    paddr: int | None
-    size: int
-
-
-def parse_kcore_phdrs(data: bytes, max_phdrs: int = 65535) -> list[KcoreSegment]:
-    """Read the PT_LOAD program headers from /proc/kcore's ELF header bytes (``kcore-phdrs``).
-
-    The bytes are checked as /proc/kcore itself is (:class:`collector.acquire.sources.Kcore`),
-    except that the byte order must be little-endian and ``e_type`` is not looked at.
-
-    :raises ImageError: not a little-endian ELF64 header, no program header count, or the
-        table is cut short.
-    """
-    try:
-        header = parse_elf_header(data)
-        phdrs = parse_program_headers(data, header, PhdrLimits(max_phnum=max_phdrs))
-    except ElfError as exc:
-        raise ImageError(f"kcore-phdrs: {exc}") from None
-    return [
-        KcoreSegment(ph.p_vaddr, None if ph.p_paddr == NO_PADDR else ph.p_paddr, ph.p_memsz)
-        for ph in phdrs
-        if ph.p_type == PT_LOAD
-    ]
-
-
 def _direct_map_from_kcore(segments: list[KcoreSegment]) -> int | None:
     """``p_vaddr - p_paddr`` of kcore's RAM segments (KCORE_RAM: ``p_vaddr = __va(p_paddr)``)."""
     deltas = Counter(
-        (s.vaddr - s.paddr) & _U64
+        (s.p_vaddr - s.p_paddr) & _U64
         for s in segments
-        if s.paddr is not None and s.vaddr < START_KERNEL_MAP
+        if s.kind == "ram" and s.p_vaddr < START_KERNEL_MAP
     )
     if not deltas:
         return None
@@ -284,10 +248,10 @@ def _vmemmap_from_kcore(segments: list[KcoreSegment], sizeof_page: int) -> int |
     """
     found: set[int] = set()
     for ram, nxt in pairwise(segments):
-        if ram.paddr is None or ram.vaddr >= START_KERNEL_MAP or nxt.paddr is not None:
+        if ram.kind != "ram" or ram.p_vaddr >= START_KERNEL_MAP or nxt.p_paddr != NO_PADDR:
             continue
-        pfn = ram.paddr // PAGE_SIZE
-        base = (nxt.vaddr - ((pfn * sizeof_page) & ~(PAGE_SIZE - 1))) & _U64
+        pfn = ram.p_paddr // PAGE_SIZE
+        base = (nxt.p_vaddr - ((pfn * sizeof_page) & ~(PAGE_SIZE - 1))) & _U64
         if base % PUD_SIZE == 0:
             found.add(base)
     return found.pop() if len(found) == 1 else None
@@ -587,6 +551,12 @@ class Profile:
     description = description
     Paging = X86_64Paging
     Layout = KernelLayout
+
+    @staticmethod
+    def paging_for(memory: PhysicalMemory, vmcoreinfo: VmcoreInfo) -> X86_64Paging:
+        """The walker for the kernel's own page tables, found through VMCOREINFO."""
+        top, levels, sme_mask = top_table_from_vmcoreinfo(vmcoreinfo)
+        return X86_64Paging(memory, top, levels, sme_mask)
 
     @staticmethod
     def check_machine(

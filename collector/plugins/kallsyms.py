@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from collector.errors import NotApplicable
-from collector.plugins import Analysis, Field, Option, hookimpl
+from collector.plugin_manager import Analysis, Field, Option, hookimpl
 
 if TYPE_CHECKING:
     from collector.kernel.kernel import Kernel

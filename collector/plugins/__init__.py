@@ -1,2 +1,2 @@
 """Built-in analysis plugins, one module per kernel structure, registered in the order of
-``collector.plugins.BUILTIN_PLUGINS``."""
+``collector.plugin_manager.BUILTIN_PLUGINS``."""

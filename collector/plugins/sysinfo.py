@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from construct import ConstructError
 
 from collector.errors import CollectorError, ImageError, NotApplicable
-from collector.plugins import Analysis, Field, hookimpl
+from collector.plugin_manager import Analysis, Field, hookimpl
 
 if TYPE_CHECKING:
     from collector.kernel.kernel import Kernel

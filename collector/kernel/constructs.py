@@ -7,6 +7,7 @@ offsets BTF gives, so union members overlap and anonymous members are flattened 
 from __future__ import annotations
 
 import struct
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -325,7 +326,8 @@ class _Builder:
     def build(self, type_id: int, depth: int = 0) -> construct.Construct:
         btf = self.btf
         tid = btf.resolve(type_id)
-        cached = btf._constructs.get(tid)
+        cache = _cache(btf)
+        cached = cache.get(tid)
         if cached is not None:
             return cached
         if depth > MAX_NESTING:
@@ -341,7 +343,7 @@ class _Builder:
             raise ImageError(
                 f"BTF: type id {tid} would expand to more than {MAX_PARSE_NODES} values"
             )
-        btf._constructs[tid] = con
+        cache[tid] = con
         return con
 
     def _build(self, tid: int, depth: int) -> construct.Construct:
@@ -439,11 +441,36 @@ class _Builder:
         return result
 
 
-def build_construct(btf: BTF, type_id: int) -> construct.Construct:
-    """Build (and cache on ``btf``) the construct definition of any sized type id.
+# Definitions built per BTF, dropped with it.
+_CACHES: weakref.WeakKeyDictionary[BTF, dict[int, construct.Construct]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _cache(btf: BTF) -> dict[int, construct.Construct]:
+    cache = _CACHES.get(btf)
+    if cache is None:
+        cache = _CACHES[btf] = {}
+    return cache
+
+
+def construct_for(btf: BTF, type_id: int) -> construct.Construct:
+    """The construct definition of any sized type id, built once per ``btf``.
 
     Structs and unions become :class:`CStruct`; integers, enums and pointers FormatField
     (pointers as unsigned integers); ``char`` arrays Bytes; other arrays Array; floats
     FormatField (or Bytes for long double).
+
+    :raises ImageError: the type has no layout (void, a function, a forward declaration) or
+        its BTF is malformed.
     """
-    return _Builder(btf).build(type_id)
+    cached = _cache(btf).get(btf.resolve(type_id))
+    return cached if cached is not None else _Builder(btf).build(type_id)
+
+
+def struct_definition(btf: BTF, name: str) -> construct.Construct:
+    """The construct definition of ``struct name`` or ``union name`` (or a typedef to one).
+
+    :raises ImageError: BTF has no such struct or union.
+    """
+    return construct_for(btf, btf.aggregate_id(name))

@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 #: Modules registered first, in this order; they carry the collector's own version.
-BUILTIN_PLUGINS: tuple[str, ...] = ("plugins.sysinfo", "plugins.kallsyms")
+BUILTIN_PLUGINS: tuple[str, ...] = ("collector.plugins.sysinfo", "collector.plugins.kallsyms")
 
 #: Third-party plugins declare ``[project.entry-points.collector] name = "module"``.
 ENTRY_POINT_GROUP = "collector"
@@ -279,7 +279,7 @@ class PluginManager:
                 if not isinstance(analysis, Analysis):
                     raise CollectorError(
                         f"{where}: collector_analyses returned {type(analysis).__name__},"
-                        " not collector.plugins.Analysis"
+                        " not collector.plugin_manager.Analysis"
                     )
                 declared.append(analysis)
         return declared
