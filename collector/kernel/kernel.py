@@ -14,7 +14,9 @@ from collector import profiles
 from collector.errors import CollectorError, ImageError, NotApplicable
 from collector.kernel.constructs import struct_definition
 from collector.kernel.kallsyms_decode import decode_kallsyms
+from collector.kernel.object import Object, Type, parse_type
 from collector.kernel.symbols import KallsymsHidden, SymbolTable
+from collector.kernel.variables import variable
 from collector.kernel.vmcoreinfo import VmcoreInfo, scan_for_vmcoreinfo
 from collector.memory import PhysicalMemory
 
@@ -97,6 +99,7 @@ class Kernel:
         self._layout = _Lazy(self._make_layout)
         self._btf = _Lazy(lambda: btf if btf is not None else self._make_btf())
         self._tlb: dict[int, tuple[int, int, int]] = {}
+        self._types: dict[str, Type] = {}
 
     # -- lazily worked out -------------------------------------------------------------------
 
@@ -311,6 +314,33 @@ class Kernel:
             out += chunk
             vaddr += step
         return bytes(out)
+
+    # -- typed objects (BTF) -----------------------------------------------------------------
+
+    def type(self, spelling: str) -> Type:
+        """A kernel type from its C spelling: ``"struct task_struct"``, ``"char *"``,
+        ``"unsigned long [64]"``, ``"pid_t"``.
+
+        :raises ObjectError: BTF has no such type.
+        :raises NotApplicable: the image carries no BTF.
+        """
+        t = self._types.get(spelling)
+        if t is None:
+            t = self._types[spelling] = parse_type(self.btf, spelling)
+        return t
+
+    def object(self, type: str | Type, address: int) -> Object:
+        """The object of ``type`` at virtual ``address``; nothing is read until asked for."""
+        t = self.type(type) if isinstance(type, str) else type
+        return Object(self, t, address)
+
+    def variable(self, name: str) -> Object:
+        """The global variable ``name`` (``init_task``, ``modules``, ``prb``...), typed from
+        :data:`collector.kernel.variables.GLOBALS` or BTF.
+
+        :raises NotApplicable: the symbol or its type is unknown, or does not fit.
+        """
+        return variable(self, name)
 
     # -- types (BTF) -------------------------------------------------------------------------
 

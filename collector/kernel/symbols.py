@@ -155,6 +155,11 @@ class SymbolTable:
         first = bisect.bisect_left(self._addresses, start)
         return self._symbols[first].name, offset
 
+    def next_address(self, address: int) -> int | None:
+        """The lowest symbol address above ``address``, or None when none is."""
+        k = bisect.bisect_right(self._addresses, address)
+        return self._addresses[k] if k < len(self._addresses) else None
+
     def __contains__(self, name: object) -> bool:
         return name in self._by_name
 

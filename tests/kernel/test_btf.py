@@ -21,7 +21,7 @@ from collector.kernel.constructs import (
     parse_struct,
     struct_definition,
 )
-from tests.kernel.btf_encoder import SAMPLE_SIZE, Encoder, info, sample, sample_record
+from collector.testing.btf_encoder import SAMPLE_SIZE, Encoder, info, sample, sample_record
 
 VMLINUX = "/sys/kernel/btf/vmlinux"
 

@@ -13,7 +13,7 @@ from collector.errors import ImageError
 from collector.kernel.btf import BTF
 from collector.kernel.bulk import bitfield, bulk_view, dtype_for
 from collector.kernel.constructs import CBitField, CStruct, struct_definition
-from tests.kernel.btf_encoder import SAMPLE_SIZE, sample, sample_record
+from collector.testing.btf_encoder import SAMPLE_SIZE, sample, sample_record
 
 VMLINUX = "/sys/kernel/btf/vmlinux"
 

@@ -12,9 +12,9 @@ from collector.kernel.kernel import MAX_READ, Kernel
 from collector.kernel.symbols import SymbolNotFound
 from collector.memory import PageNotCaptured
 from collector.profiles.x86_64 import PageNotPresent
+from collector.testing.btf_encoder import Encoder
+from collector.testing.pagetables import PageTableBuilder
 from tests.kernel import kallsyms_layout
-from tests.kernel.btf_encoder import Encoder
-from tests.kernel.pagetables import PageTableBuilder
 
 MiB = 1 << 20
 # KASLR'd kernel: KERNELOFFSET 0x1c600000, phys_base -0x18600000, so a kernel-image address

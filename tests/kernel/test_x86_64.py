@@ -25,7 +25,7 @@ from collector.profiles.x86_64 import (
     X86_64Paging,
     check_machine,
 )
-from tests.kernel.pagetables import PAT_LARGE, PS, PageTableBuilder
+from collector.testing.pagetables import PAT_LARGE, PS, PageTableBuilder
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -17,8 +17,8 @@ from collector.kernel.kernel import Kernel
 from collector.memory import Fate, PageFate
 from collector.plugin_manager import DISABLE_AUTOLOAD_ENV, PluginManager
 from collector.plugins import sysinfo
-from tests.kernel.btf_encoder import INT_SIGNED, Encoder
-from tests.kernel.pagetables import PageTableBuilder
+from collector.testing.btf_encoder import INT_SIGNED, Encoder
+from collector.testing.pagetables import PageTableBuilder
 
 START_KERNEL_MAP = 0xFFFFFFFF80000000
 KERNELOFFSET = 0x1E000000

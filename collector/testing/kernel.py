@@ -1,0 +1,263 @@
+"""A synthetic x86_64 kernel in a few lines, for testing plugins and helpers without an image.
+
+:class:`SyntheticKernel` lays out C declarations as BTF, allocates objects in a direct map of
+made-up physical memory, places globals in the kernel image with their symbols, builds the
+page tables and VMCOREINFO that reach them, and hands out a real
+:class:`~collector.kernel.kernel.Kernel` over it::
+
+    sk = SyntheticKernel('''
+        struct list_head { struct list_head *next, *prev; };
+        struct task_struct { int pid; char comm[16]; struct list_head tasks; };
+    ''')
+    init = sk.global_("init_task", "struct task_struct", pid=0, comm=b"swapper/0")
+    sk.set(init, "struct task_struct", "tasks.next", init + sk.offsetof("struct task_struct", "tasks"))
+    kernel = sk.kernel()
+    kernel.variable("init_task").comm.string()        # b"swapper/0"
+
+Values are written with the layout the description gives (:mod:`collector.testing.cdecl`);
+the kernel reads them back through the BTF that layout was encoded into.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+from collector.image.sparse import SparseMemory
+from collector.kernel.kernel import Kernel
+from collector.memory import Fate, PageFate
+from collector.testing.cdecl import CType, Layout, compile_btf
+from collector.testing.pagetables import PageTableBuilder
+
+PAGE = 4096
+START_KERNEL_MAP = 0xFFFFFFFF80000000
+#: The direct map without KASLR (``__PAGE_OFFSET_BASE_L4`` / ``_L5``).
+PAGE_OFFSET = {4: 0xFFFF888000000000, 5: 0xFF11000000000000}
+#: The top page table's physical address; ``init_top_pgt`` is linked to reach it.
+TOP_TABLE = 0x100000
+#: Page-table pages are allocated from here up.
+TABLES_AT = 0x200000
+#: The kernel image: ``_stext`` at 0xffffffff81000000, physical 16 MiB.
+IMAGE_PHYS = 0x1000000
+IMAGE_VIRT = START_KERNEL_MAP + IMAGE_PHYS
+#: Objects allocated with :meth:`SyntheticKernel.alloc` come from here up.
+HEAP_PHYS = 0x10000000
+
+
+class SyntheticKernel:
+    """Builds a small kernel image in memory: types, objects, globals, page tables, symbols.
+
+    :param declarations: C declarations of the types the test needs (see
+        :func:`collector.testing.cdecl.compile_btf`; ``u8``..``u64``, ``bool``, ``pid_t``...
+        are predeclared).
+    :param levels: 4- or 5-level paging.
+    :param release: the ``OSRELEASE`` VMCOREINFO gives.
+    """
+
+    def __init__(
+        self, declarations: str = "", levels: int = 4, release: str = "6.1.0-test"
+    ) -> None:
+        self.btf, self.layout = compile_btf(declarations)
+        self.levels = levels
+        self.release = release
+        self.page_offset = PAGE_OFFSET[levels]
+        self.tables = PageTableBuilder(levels=levels, top=TOP_TABLE, alloc=TABLES_AT)
+        self.data: dict[int, bytearray] = {}  # physical page -> contents
+        self.fates: dict[int, PageFate] = {}
+        self.symbols: list[tuple[str, str, int]] = [("_stext", "T", IMAGE_VIRT)]
+        self.vmcoreinfo_extra: list[str] = []
+        self.blobs: dict[str, bytes] = {}
+        self._heap = HEAP_PHYS
+        self._image = IMAGE_PHYS + PAGE  # the first page holds _stext
+        self._page(IMAGE_PHYS)
+        self.tables.map(IMAGE_VIRT, IMAGE_PHYS)
+
+    # -- layout ----------------------------------------------------------------------------------
+
+    def sizeof(self, type_name: str) -> int:
+        return self.layout.sizeof(type_name)
+
+    def offsetof(self, type_name: str, path: str) -> int:
+        return self.layout.offsetof(type_name, path)
+
+    # -- memory ----------------------------------------------------------------------------------
+
+    def _page(self, paddr: int) -> bytearray:
+        page = self.data.get(paddr)
+        if page is None:
+            page = self.data[paddr] = bytearray(PAGE)
+        return page
+
+    def alloc(self, size: int, align: int = 64) -> int:
+        """``size`` bytes of zeroed memory in the direct map (like kmalloc); its address."""
+        self._heap += -self._heap % align
+        start = self._heap
+        self._heap += max(size, 1)
+        for p in range(start - start % PAGE, self._heap, PAGE):
+            self._page(p)
+        return self.page_offset + start
+
+    def alloc_page(self) -> int:
+        """One zeroed, page-aligned page in the direct map; its virtual address."""
+        return self.alloc(PAGE, PAGE)
+
+    def virt_to_phys(self, vaddr: int) -> int:
+        """``__pa()`` for the direct map and the kernel image."""
+        if vaddr >= START_KERNEL_MAP:
+            return vaddr - START_KERNEL_MAP
+        return vaddr - self.page_offset
+
+    def write(self, vaddr: int, data: bytes) -> None:
+        """Write bytes at a direct-map or kernel-image address (page by page)."""
+        pos = 0
+        while pos < len(data):
+            paddr = self.virt_to_phys(vaddr + pos)
+            page = self._page(paddr - paddr % PAGE)
+            n = min(len(data) - pos, PAGE - paddr % PAGE)
+            page[paddr % PAGE : paddr % PAGE + n] = data[pos : pos + n]
+            pos += n
+
+    def read(self, vaddr: int, size: int) -> bytes:
+        out = bytearray()
+        while len(out) < size:
+            paddr = self.virt_to_phys(vaddr + len(out))
+            page = self._page(paddr - paddr % PAGE)
+            n = min(size - len(out), PAGE - paddr % PAGE)
+            out += page[paddr % PAGE : paddr % PAGE + n]
+        return bytes(out)
+
+    def write_u64(self, vaddr: int, value: int) -> None:
+        self.write(vaddr, struct.pack("<Q", value & 0xFFFFFFFFFFFFFFFF))
+
+    def set(self, address: int, type_name: str, path: str, value: Any) -> None:
+        """Write ``value`` into member ``path`` (``"a.b[2].c"``) of the ``type_name`` at
+        ``address``: an int (bitfields included), bytes (char arrays), a bool, or an enum
+        name."""
+        bit, member = self.layout.member(type_name, path)
+        t = member.type.resolved()
+        for part in path.split(".")[-1:]:
+            if "[" in part:
+                # an element of an array member: the element type's size
+                while t.kind == "array":
+                    assert t.target is not None
+                    t = t.target.resolved()
+        self._store(address, bit, member.bits, t, value)
+
+    def _store(self, address: int, bit: int, bits: int, t: CType, value: Any) -> None:
+        if isinstance(value, str) and t.kind == "enum":
+            value = dict(t.enumerators)[value]
+        if bits:
+            first = address + bit // 8
+            shift = bit % 8
+            nbytes = (shift + bits + 7) // 8
+            raw = int.from_bytes(self.read(first, nbytes), "little")
+            mask = ((1 << bits) - 1) << shift
+            raw = (raw & ~mask) | ((int(value) << shift) & mask)
+            self.write(first, raw.to_bytes(nbytes, "little"))
+            return
+        where = address + bit // 8
+        if isinstance(value, bytes | bytearray):
+            if len(value) > t.size:
+                raise ValueError(f"{len(value)} bytes do not fit in {t.size}")
+            self.write(where, bytes(value))
+            return
+        if t.kind == "float":
+            self.write(where, struct.pack("<d" if t.size == 8 else "<f", value))
+            return
+        size = t.size
+        self.write(where, (int(value) & ((1 << 8 * size) - 1)).to_bytes(size, "little"))
+
+    def fill(self, address: int, type_name: str, values: Mapping[str, Any]) -> None:
+        """:meth:`set` for each ``path: value``."""
+        for path, value in values.items():
+            self.set(address, type_name, path, value)
+
+    def new(self, type_name: str, count: int = 1, **values: Any) -> int:
+        """Allocate ``count`` objects of ``type_name`` in the direct map, write ``values``
+        (member names; ``__`` stands for ``.``) into the first; return its address."""
+        t = self.layout.type(type_name).resolved()
+        address = self.alloc(t.size * count, max(t.align, 8))
+        self.fill(address, type_name, {k.replace("__", "."): v for k, v in values.items()})
+        return address
+
+    # -- the kernel image ---------------------------------------------------------------------------
+
+    def symbol(self, name: str, address: int, kind: str = "D") -> None:
+        """Add a symbol to the symbol table (kallsyms)."""
+        self.symbols.append((name, kind, address))
+
+    def global_(self, name: str, type_name: str, size: int | None = None, **values: Any) -> int:
+        """A global variable of ``type_name`` in the kernel image, with its symbol; its address.
+
+        ``size`` reserves more room than the type (an array of unknown length).
+        """
+        t = self.layout.type(type_name).resolved()
+        room = size if size is not None else t.size
+        self._image += -self._image % max(t.align, 8)
+        paddr = self._image
+        self._image += max(room, 1)
+        for p in range(paddr - paddr % PAGE, self._image, PAGE):
+            self._page(p)
+            self.tables.map(START_KERNEL_MAP + p, p)
+        address = START_KERNEL_MAP + paddr
+        self.symbol(name, address)
+        self.fill(address, type_name, {k.replace("__", "."): v for k, v in values.items()})
+        return address
+
+    def drop(self, vaddr: int, fate: Fate = Fate.EXCLUDED) -> None:
+        """Make the page holding ``vaddr`` one the image did not capture, with ``fate``."""
+        paddr = self.virt_to_phys(vaddr)
+        self.fates[paddr - paddr % PAGE] = PageFate(fate)
+
+    # -- the image ---------------------------------------------------------------------------------
+
+    def vmcoreinfo(self) -> str:
+        top_symbol = START_KERNEL_MAP + TOP_TABLE
+        return "\n".join(
+            [
+                f"OSRELEASE={self.release}",
+                "PAGESIZE=4096",
+                f"SYMBOL(init_top_pgt)={top_symbol:x}",
+                "NUMBER(phys_base)=0",
+                f"NUMBER(pgtable_l5_enabled)={int(self.levels == 5)}",
+                "KERNELOFFSET=0",
+                *self.vmcoreinfo_extra,
+                "",
+            ]
+        )
+
+    def memory(self) -> SparseMemory:
+        """The physical memory: data pages, page tables (every page also in the direct map)."""
+        mapped: set[int] = set()
+        while True:
+            pending = [p for p in (*self.data, *self.tables.pages) if p not in mapped]
+            if not pending:
+                break
+            for p in pending:
+                mapped.add(p)
+                self.tables.map(self.page_offset + p, p)
+        ranges = {p: bytes(b) for p, b in self.tables.pages.items()}
+        for p, b in self.data.items():
+            ranges[p] = bytes(b)
+        kallsyms = "".join(
+            f"{a:016x} {k} {n}\n" for n, k, a in sorted(self.symbols, key=lambda s: s[2])
+        )
+        blobs = {
+            "vmcoreinfo": self.vmcoreinfo().encode(),
+            "kallsyms": kallsyms.encode(),
+            "btf": self.btf,
+            **self.blobs,
+        }
+        return SparseMemory(
+            ranges, fates=dict(self.fates), blobs=blobs, metadata={"profile": "x86_64"}
+        )
+
+    def kernel(self) -> Kernel:
+        """A :class:`~collector.kernel.kernel.Kernel` over everything built so far."""
+        return Kernel(self.memory())
+
+
+def layout_of(declarations: str) -> Layout:
+    """The layout of C declarations alone (no kernel)."""
+    return compile_btf(declarations)[1]
