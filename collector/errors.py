@@ -19,3 +19,9 @@ class ImageError(CollectorError):
 
 class NotApplicable(CollectorError):
     """A plugin or an operation does not apply to this image; the message says why."""
+
+
+class BrokenStructure(ImageError):
+    """A kernel data structure in the image is inconsistent: a list that loops without
+    returning to its head, runs longer than any real one, or holds a NULL or poisoned link;
+    a tree node of an impossible type. Images are hostile; every walker is bounded."""

@@ -7,9 +7,10 @@ where a skipped vm test fails the run: CI must really boot the kernels.
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,11 @@ class Capture:
     iomem: str
     facts: Path
     qemu: dict[str, tuple[int, int, bytes]]
+    #: tests/vm/snapshot.py's view of /proc right before and right after the capture.
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+    #: The PID of a process started for the tests (see :data:`WITNESS`), alive throughout.
+    witness: int = 0
 
     def fact(self, name: str) -> bytes:
         return (self.facts / name).read_bytes()
@@ -94,11 +100,43 @@ def iomem_entries(text: str, name: str) -> list[tuple[int, int]]:
     return out
 
 
+#: A process the helpers' tests look for in the capture: two threads, a known command line
+#: (with an argument holding a space), the host's Python as its executable.
+WITNESS = (
+    "import threading, time; "
+    "threading.Thread(target=time.sleep, args=(86400,), daemon=True).start(); "
+    "time.sleep(86400)"
+)
+WITNESS_ARGS = ("collector-witness", "two words", "")
+
+
+def start_witness(guest: Guest) -> int:
+    """Start the :data:`WITNESS` process in the guest; its PID once its thread runs."""
+    args = " ".join(shlex.quote(a) for a in WITNESS_ARGS)
+    result = guest.run(
+        f"python -c {shlex.quote(WITNESS)} {args} </dev/null >/dev/null 2>&1 & echo $!"
+    ).check()
+    pid = int(result.stdout.split()[0])
+    for _ in range(100):
+        if guest.run(f"ls /proc/{pid}/task | wc -l").stdout.strip() == "2":
+            return pid
+        time.sleep(0.1)
+    raise AssertionError("the witness process did not start its thread")
+
+
+def snapshot(guest: Guest, *pids: int) -> dict:
+    """tests/vm/snapshot.py run in the guest: /proc's processes, modules and CPUs."""
+    script = Path(__file__).with_name("snapshot.py")
+    result = guest.run(f"python {script} {' '.join(map(str, pids))}").check()
+    return json.loads(result.stdout)
+
+
 def capture_guest(guest: Guest) -> Capture:
     """Capture ``guest`` with the automatic plan, as the ``capture`` fixture does."""
     out = guest.out_dir / "capture"
     out.mkdir(exist_ok=True)
     facts = guest.to_guest(out)
+    witness = start_witness(guest)
     guest.run(
         f"cat /proc/iomem > {facts}/iomem && cat /proc/kallsyms > {facts}/kallsyms && "
         f"cat /sys/kernel/btf/vmlinux > {facts}/btf && cat /sys/kernel/vmcoreinfo > "
@@ -106,7 +144,9 @@ def capture_guest(guest: Guest) -> Capture:
         f"uname -r > {facts}/uname-r && uname -n > {facts}/uname-n && "
         f"grep btime /proc/stat > {facts}/btime"
     ).check()
+    before = snapshot(guest, witness)
     result = guest.run(f"collect --profile x86_64 -o {facts}/auto.lime.zst --json", timeout=600)
+    after = snapshot(guest, witness)
     qemu = {}
     iomem = (out / "iomem").read_text()
     for name in ("Kernel code", "Kernel rodata"):
@@ -115,7 +155,17 @@ def capture_guest(guest: Guest) -> Capture:
         guest.qmp.pmemsave(start, end - start, str(dump))
         qemu[name] = (start, end, dump.read_bytes())
     result.check()
-    return Capture(guest, out / "auto.lime.zst", json.loads(result.stdout), iomem, out, qemu)
+    return Capture(
+        guest,
+        out / "auto.lime.zst",
+        json.loads(result.stdout),
+        iomem,
+        out,
+        qemu,
+        before=before,
+        after=after,
+        witness=witness,
+    )
 
 
 @pytest.fixture(scope="session")

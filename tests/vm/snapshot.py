@@ -1,0 +1,96 @@
+"""Run inside a test guest: what the guest's /proc says about its processes, modules and CPUs.
+
+Standard library only, written apart from the collector, so the helpers' tests compare the
+collector's reading of a capture with the kernel's own account. Prints one JSON document.
+Usage: ``python snapshot.py [PID ...]``: the PIDs whose memory maps to record as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def _read(path: str, mode: str = "r") -> str | bytes | None:
+    try:
+        with open(path, mode) as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def process(pid: int, with_maps: bool) -> dict | None:
+    stat = _read(f"/proc/{pid}/stat")
+    status = _read(f"/proc/{pid}/status")
+    if not isinstance(stat, str) or not isinstance(status, str):
+        return None  # gone meanwhile
+    # comm may hold spaces and parentheses: it runs from the first "(" to the last ")".
+    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+    rest = stat[stat.rindex(")") + 2 :].split()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    uids = fields["Uid"].split()
+    gids = fields["Gid"].split()
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        exe = None
+    try:
+        threads = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        threads = []
+    cmdline = _read(f"/proc/{pid}/cmdline", "rb")
+    out = {
+        "pid": pid,
+        "comm": comm,
+        "state": rest[0],
+        "ppid": int(rest[1]),
+        "tgid": int(fields["Tgid"]),
+        "uid": int(uids[0]),
+        "euid": int(uids[1]),
+        "gid": int(gids[0]),
+        "flags": int(rest[6]),
+        "starttime": int(rest[19]),
+        "threads": threads,
+        "exe": exe,
+        "cmdline": cmdline.hex() if isinstance(cmdline, bytes) else None,
+    }
+    if with_maps:
+        maps = _read(f"/proc/{pid}/maps")
+        out["maps"] = maps.splitlines() if isinstance(maps, str) else None
+    return out
+
+
+def main(argv: list[str]) -> None:
+    with_maps = {int(a) for a in argv}
+    processes = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            p = process(int(name), int(name) in with_maps)
+            if p is not None:
+                processes[name] = p
+    modules = _read("/proc/modules")
+    cpuinfo = _read("/proc/cpuinfo")
+    cpus = []
+    for block in (cpuinfo or "").split("\n\n"):
+        fields = {
+            k.strip(): v.strip() for k, _, v in (line.partition(":") for line in block.splitlines())
+        }
+        if "processor" in fields:
+            cpus.append(fields)
+    online = _read("/sys/devices/system/cpu/online")
+    possible = _read("/sys/devices/system/cpu/possible")
+    json.dump(
+        {
+            "processes": processes,
+            "modules": (modules or "").splitlines(),
+            "cpus": cpus,
+            "online": (online or "").strip(),
+            "possible": (possible or "").strip(),
+        },
+        sys.stdout,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
