@@ -179,9 +179,15 @@ class Type:
 
     # identity and display
     def _key(self) -> tuple:
+        # Structural for pointers and arrays: BTF's own "struct page *" equals one made here.
         if self.target is not None:
             return (self.kind, self.target._key(), self.length)
-        return (self.btf.resolve(self.id),)
+        rid = self.btf.resolve(self.id)
+        if self.kind is Kind.PTR:
+            return (Kind.PTR, self.pointee._key(), None)
+        if self.kind is Kind.ARRAY:
+            return (Kind.ARRAY, self.pointee._key(), self.array_length)
+        return (rid,)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Type) and self.btf is other.btf and self._key() == other._key()
