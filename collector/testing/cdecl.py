@@ -537,6 +537,9 @@ def compile_btf(source: str, prelude: bool = True) -> tuple[bytes, Layout]:
     :raises CDeclError: the text is not C this parser understands.
     """
     types: dict[str, CType] = {}
+    # Every base type is in the BTF, as in a kernel's, used or not.
+    for name, size, enc in _BASE.values():
+        types.setdefault(f"int {name}", CType("int", name, size, size, enc))
     parser = _Parser(types)
     if prelude:
         parser.parse(PRELUDE)
