@@ -7,8 +7,8 @@ marks them with :data:`hookimpl`. Arguments can be added to a hook later, never 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -88,12 +88,18 @@ class Analysis:
     :param summary: one line for ``collect plugins``.
     :param fields: every field its records carry, in display order.
     :param options: the options it accepts.
+    :param run: what computes the records: called as ``run(kernel, options)`` and returning
+        an iterable of records, as :func:`collector_analyze` would. With it the plugin needs
+        no ``collector_analyze``; without it, ``collector_analyze`` is called.
     """
 
     name: str
     summary: str
     fields: tuple[Field, ...]
     options: tuple[Option, ...] = ()
+    run: Callable[[Kernel, dict[str, Any]], Iterable[dict[str, Any]]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -109,6 +115,8 @@ class Analysis:
                 raise ValueError(f"analysis {self.name!r}: duplicate {kind} {dupes[0]!r}")
         if "format" in (o.name for o in self.options):
             raise ValueError(f"analysis {self.name!r}: option name 'format' is reserved")
+        if self.run is not None and not callable(self.run):
+            raise ValueError(f"analysis {self.name!r}: run must be callable")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +148,8 @@ def collector_analyze(
 ) -> Iterable[dict[str, Any]] | None:
     """Run the analysis called ``name`` on one kernel and return its flat records.
 
-    Only the plugin that declared ``name`` in :func:`collector_analyses` is called. Raise
+    Only the plugin that declared ``name`` in :func:`collector_analyses` is called, and only
+    when its :class:`Analysis` has no ``run`` of its own. Raise
     :class:`~collector.errors.NotApplicable` with the reason when the analysis does not apply
     to this image. Errors from reading the image (a page not captured, a construct error)
     may propagate: the caller keeps the records produced so far and reports one error line.

@@ -1,6 +1,6 @@
 """The plugin manager: built-in plugins, third-party plugins from entry points, typed hook calls.
 
-Plugin authors import :data:`hookimpl`, :class:`Analysis`, :class:`Field` and :class:`Option`
+Plugin authors import what they need from :mod:`collector.api`
 from here; see docs/plugins.md.
 """
 
@@ -255,11 +255,15 @@ class PluginManager:
     def analyze(
         self, name: str, kernel: Kernel, options: dict[str, Any]
     ) -> Iterable[dict[str, Any]] | None:
-        """Call ``collector_analyze`` on the plugin that declared ``name`` (only that one).
+        """Run analysis ``name``: its own ``run``, else ``collector_analyze`` on the plugin that
+        declared it (only that one).
 
         :returns: what the plugin returned: an iterable of records, or ``None``.
         """
-        owner = self._pm.get_plugin(self.analysis(name).plugin.name)
+        registered = self.analysis(name)
+        if registered.analysis.run is not None:
+            return registered.analysis.run(kernel, options)
+        owner = self._pm.get_plugin(registered.plugin.name)
         return self._only(owner, "collector_analyze")(name=name, kernel=kernel, options=options)
 
     def _collect_analyses(self, plugin: object, where: str) -> list[Analysis]:

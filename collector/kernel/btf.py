@@ -233,6 +233,7 @@ class BTF:
         self._enumerators: dict[str, list[tuple[int, int]]] | None = None
         self._pointer_size: int | None = None
         self._scopes: dict[int, dict[str, tuple[int, Member]]] = {}
+        self._resolved: dict[int, int] = {}
         self._scoping: set[int] = set()
 
     # ------------------------------------------------------------------ parsing
@@ -493,6 +494,14 @@ class BTF:
 
     def resolve(self, type_id: int) -> int:
         """Strip typedef, const, volatile, restrict and type_tag from a type id."""
+        hit = self._resolved.get(type_id)
+        if hit is not None:
+            return hit
+        rid = self._resolve(type_id)
+        self._resolved[type_id] = rid
+        return rid
+
+    def _resolve(self, type_id: int) -> int:
         tid = type_id
         for _ in range(MAX_REF_DEPTH):
             self._check_id(tid)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import struct
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +52,7 @@ class Type:
     kept for :func:`str` and stripped for everything else.
     """
 
-    __slots__ = ("_size", "btf", "id", "kind", "length", "target")
+    __slots__ = ("_int", "_resolved", "_size", "btf", "id", "kind", "length", "target")
 
     def __init__(
         self, btf: BTF, type_id: int = 0, target: Type | None = None, length: int | None = None
@@ -61,6 +62,8 @@ class Type:
         self.target = target
         self.length = length
         self._size: int | None = None
+        self._resolved: Type | None = None
+        self._int: tuple[int, bool, bool] | None = None
         if target is not None:
             self.kind = Kind.ARRAY if length is not None else Kind.PTR
         else:
@@ -82,8 +85,11 @@ class Type:
         """The type with typedefs and qualifiers stripped (itself when there are none)."""
         if self.target is not None or self.id == 0:
             return self
-        rid = self.btf.resolve(self.id)
-        return self if rid == self.id else Type(self.btf, rid)
+        r = self._resolved
+        if r is None:
+            rid = self.btf.resolve(self.id)
+            r = self._resolved = self if rid == self.id else Type(self.btf, rid)
+        return r
 
     @property
     def _bt(self) -> Any:
@@ -131,6 +137,18 @@ class Type:
         """The name without ``struct``/``union``/``enum`` of the resolved type ('' if none)."""
         return "" if self.target is not None else self._bt.name
 
+    def int_format(self) -> tuple[int, bool, bool]:
+        """``(size, signed, bool)`` of an integer or enum type."""
+        f = self._int
+        if f is None:
+            bt = self.resolved()._bt
+            f = self._int = (
+                bt.size or 0,
+                bt.signed,
+                bt.kind is Kind.INT and bool(bt.encoding & BTF_INT_BOOL),
+            )
+        return f
+
     def is_char(self) -> bool:
         """Whether this is a one-byte character type (``char``, ``signed/unsigned char``)."""
         r = self.resolved()
@@ -150,11 +168,16 @@ class Type:
         """
         if self.kind not in _AGGREGATES:
             raise ObjectError(f"{self} has no members (looking for {name!r})")
-        hit = self.btf._scope(self.btf.resolve(self.id)).get(name)
-        if hit is None:
-            raise ObjectError(f"{self} has no member {name!r}")
-        bit, m = hit
-        return (*_bitfield(self.btf, m, bit), Type(self.btf, m.type_id))
+        rid = self.btf.resolve(self.id)
+        cache = _member_cache(self.btf)
+        found = cache.get((rid, name))
+        if found is None:
+            hit = self.btf._scope(rid).get(name)
+            if hit is None:
+                raise ObjectError(f"{self} has no member {name!r}")
+            bit, m = hit
+            found = cache[(rid, name)] = (*_bitfield(self.btf, m, bit), Type(self.btf, m.type_id))
+        return found
 
     def has_member(self, path: str) -> bool:
         """Whether ``path`` (``"a.b.c"``) names a member, through anonymous members."""
@@ -179,9 +202,15 @@ class Type:
 
     # identity and display
     def _key(self) -> tuple:
+        # Structural for pointers and arrays: BTF's own "struct page *" equals one made here.
         if self.target is not None:
             return (self.kind, self.target._key(), self.length)
-        return (self.btf.resolve(self.id),)
+        rid = self.btf.resolve(self.id)
+        if self.kind is Kind.PTR:
+            return (Kind.PTR, self.pointee._key(), None)
+        if self.kind is Kind.ARRAY:
+            return (Kind.ARRAY, self.pointee._key(), self.array_length)
+        return (rid,)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Type) and self.btf is other.btf and self._key() == other._key()
@@ -194,6 +223,19 @@ class Type:
 
     def __repr__(self) -> str:
         return f"Type({str(self)!r})"
+
+
+# Member lookups per BTF, dropped with it: (aggregate type id, name) -> (bit, width, type).
+_MEMBERS: weakref.WeakKeyDictionary[BTF, dict[tuple[int, str], tuple[int, int, Type]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _member_cache(btf: BTF) -> dict[tuple[int, str], tuple[int, int, Type]]:
+    cache = _MEMBERS.get(btf)
+    if cache is None:
+        cache = _MEMBERS[btf] = {}
+    return cache
 
 
 def _bitfield(btf: BTF, m: Member, bit: int) -> tuple[int, int]:
@@ -496,14 +538,9 @@ class Object:
         raise ObjectError(f"{self._type} has no value")
 
     def _read_int(self, r: Type) -> int | bool:
-        bt = r._bt
-        size = bt.size or 0
-        data = self._kernel.read_virt(self.address, size)
-        signed = bt.signed
-        v = int.from_bytes(data, "little", signed=signed)
-        if bt.kind is Kind.INT and bt.encoding & BTF_INT_BOOL:
-            return bool(v)
-        return v
+        size, signed, is_bool = r.int_format()
+        v = int.from_bytes(self._kernel.read_virt(self.address, size), "little", signed=signed)
+        return bool(v) if is_bool else v
 
     def _read_bitfield(self, r: Type) -> int:
         first = self._bit_offset

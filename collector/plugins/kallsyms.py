@@ -8,13 +8,12 @@ VMCOREINFO's ``SYMBOL(...)`` entries.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from collector.errors import NotApplicable
-from collector.plugin_manager import Analysis, Field, Option, hookimpl
+from collector.api import Analysis, Field, NotApplicable, Option, hookimpl
 
 if TYPE_CHECKING:
-    from collector.kernel.kernel import Kernel
+    from collector.api import Kernel
 
 KALLSYMS = Analysis(
     name="kallsyms",
@@ -40,21 +39,13 @@ KALLSYMS = Analysis(
         Option("match", str, None, "only symbols whose name contains TEXT"),
         Option("name", str, None, "only symbols named exactly TEXT"),
     ),
+    run=lambda kernel, options: kallsyms(kernel, match=options["match"], exact=options["name"]),
 )
 
 
 @hookimpl
 def collector_analyses() -> list[Analysis]:
     return [KALLSYMS]
-
-
-@hookimpl
-def collector_analyze(
-    name: str, kernel: Kernel, options: dict[str, Any]
-) -> Iterator[dict[str, Any]] | None:
-    if name != KALLSYMS.name:
-        return None
-    return kallsyms(kernel, match=options["match"], exact=options["name"])
 
 
 def kallsyms(kernel: Kernel, match: str | None = None, exact: str | None = None) -> Iterator[dict]:

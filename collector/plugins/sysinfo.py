@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from construct import ConstructError
 
-from collector.errors import CollectorError, ImageError, NotApplicable
-from collector.plugin_manager import Analysis, Field, hookimpl
+from collector.api import Analysis, CollectorError, Field, ImageError, NotApplicable, hookimpl
 
 if TYPE_CHECKING:
-    from collector.kernel.kernel import Kernel
+    from collector.api import Kernel
 
 T = TypeVar("T")
 
@@ -70,19 +69,13 @@ SYSINFO = Analysis(
     name="sysinfo",
     summary="identity of the captured kernel: uname, VMCOREINFO, boot time, memory size",
     fields=FIELDS,
+    run=lambda kernel, options: [sysinfo(kernel)],
 )
 
 
 @hookimpl
 def collector_analyses() -> list[Analysis]:
     return [SYSINFO]
-
-
-@hookimpl
-def collector_analyze(name: str, kernel: Kernel) -> list[dict[str, Any]] | None:
-    if name != SYSINFO.name:
-        return None
-    return [sysinfo(kernel)]
 
 
 def sysinfo(kernel: Kernel) -> dict[str, Any]:
@@ -124,35 +117,29 @@ def sysinfo(kernel: Kernel) -> dict[str, Any]:
 def read_init_uts_ns(kernel: Kernel) -> dict[str, str]:
     """``init_uts_ns.name``: the ``struct new_utsname`` the kernel answers ``uname(2)`` with.
 
-    Member offsets come from BTF; without BTF, from VMCOREINFO ``OFFSET(uts_namespace.name)``
-    and the user ABI layout of struct new_utsname.
+    Typed by BTF; without BTF, from VMCOREINFO ``OFFSET(uts_namespace.name)`` and the user
+    ABI layout of struct new_utsname.
     """
     try:
-        btf = kernel.btf
+        _ = kernel.btf
     except NotApplicable:
-        btf = None
-    if btf is not None:
-        base = kernel.symbol("init_uts_ns") + btf.offsetof("uts_namespace", "name")
-        size = btf.sizeof("new_utsname")
-        offsets = {m: btf.offsetof("new_utsname", m) for m in UTS_MEMBERS}
-    else:
-        offset = kernel.vmcoreinfo.offset("uts_namespace.name")
-        if offset is None:
-            raise NotApplicable("no BTF, and VMCOREINFO has no OFFSET(uts_namespace.name)")
-        base = kernel.symbol("init_uts_ns") + offset
-        size = len(UTS_MEMBERS) * (NEW_UTS_LEN + 1)
-        offsets = {m: i * (NEW_UTS_LEN + 1) for i, m in enumerate(UTS_MEMBERS)}
-    if not 0 < size <= _MAX_UTSNAME or not all(0 <= o < size for o in offsets.values()):
-        raise ImageError(f"struct new_utsname of {size} bytes with offsets {offsets} is not sane")
-    raw = kernel.read_virt(base, size)
-    # Each char array runs to the next member (or the end of the struct).
-    ends = sorted({*offsets.values(), size})
-    out = {}
-    for member, start in offsets.items():
-        end = next(e for e in ends if e > start)
-        text = raw[start:end].split(b"\0", 1)[0]
-        out[member] = text.decode("utf-8", errors="backslashreplace")
-    return out
+        return _init_uts_ns_without_btf(kernel)
+    name = kernel.variable("init_uts_ns").name
+    return {member: name.member(member).text(_MAX_UTSNAME) for member in UTS_MEMBERS}
+
+
+def _init_uts_ns_without_btf(kernel: Kernel) -> dict[str, str]:
+    offset = kernel.vmcoreinfo.offset("uts_namespace.name")
+    if offset is None:
+        raise NotApplicable("no BTF, and VMCOREINFO has no OFFSET(uts_namespace.name)")
+    size = NEW_UTS_LEN + 1
+    raw = kernel.read_virt(kernel.symbol("init_uts_ns") + offset, len(UTS_MEMBERS) * size)
+    return {
+        member: raw[i * size : (i + 1) * size]
+        .split(b"\0", 1)[0]
+        .decode("utf-8", "backslashreplace")
+        for i, member in enumerate(UTS_MEMBERS)
+    }
 
 
 def tk_core_timekeeper_offset(btf: Any) -> int:
@@ -178,14 +165,13 @@ def getboottime64(kernel: Kernel) -> int:
     ``offs_real`` is CLOCK_REALTIME minus CLOCK_MONOTONIC and ``offs_boot`` CLOCK_BOOTTIME
     minus CLOCK_MONOTONIC; at boot BOOTTIME is 0, so boot happened at ``offs_real - offs_boot``.
     """
-    btf = kernel.btf
     tk_core = kernel.symbols.get("tk_core")
     if tk_core is None:
         raise NotApplicable("symbol tk_core is not in the symbol table")
-    timekeeper = tk_core + tk_core_timekeeper_offset(btf)
-    offs_real = kernel.read_s64(timekeeper + btf.offsetof("timekeeper", "offs_real"))
-    offs_boot = kernel.read_s64(timekeeper + btf.offsetof("timekeeper", "offs_boot"))
-    return offs_real - offs_boot
+    # tk_core is static and anonymous before 6.13: no table can type it, so the timekeeper
+    # inside it is found by its offset.
+    timekeeper = kernel.object("struct timekeeper", tk_core + tk_core_timekeeper_offset(kernel.btf))
+    return timekeeper.offs_real.value() - timekeeper.offs_boot.value()
 
 
 def _iso_utc(ns: int) -> str:

@@ -1,7 +1,8 @@
 """C declarations to BTF, for synthetic kernels in tests.
 
 Parses a small subset of C (struct, union, enum and typedef definitions, pointers, arrays,
-bitfields, anonymous members, function pointers) and lays the types out as the x86_64 SysV
+bitfields, anonymous members, function pointers, and ``DEFINE_PER_CPU(type, name);``, which
+BTF records as a VAR in the ``.data..percpu`` section as kernel BTF does) and lays the types out as the x86_64 SysV
 ABI does (natural alignment; a bitfield shares its declared type's storage unit unless it
 would straddle it). :func:`compile_btf` returns a raw BTF blob (include/uapi/linux/btf.h)
 that :class:`collector.kernel.btf.BTF` parses, and a :class:`Layout` that tells where each
@@ -111,6 +112,7 @@ class _Parser:
         self.tokens: list[str] = []
         self.pos = 0
         self.anonymous: list[CType] = []
+        self.percpu: list[tuple[str, CType]] = []
 
     def parse(self, text: str) -> None:
         self.tokens = [
@@ -151,6 +153,19 @@ class _Parser:
     def declaration(self) -> None:
         if self.peek() == ";":
             self.take()
+            return
+        if self.peek() == "DEFINE_PER_CPU":  # a per-CPU variable: BTF types these
+            self.take()
+            self.take("(")
+            base = self.type_spec()
+            while self.peek() == "*":
+                self.take()
+                base = CType("pointer", target=base, size=8, align=8)
+            self.take(",")
+            name = self.take()
+            self.take(")")
+            self.take(";")
+            self.percpu.append((name, base))
             return
         if self.peek() == "typedef":
             self.take()
@@ -434,6 +449,24 @@ class _Emitter:
             raise CDeclError(f"cannot encode a {t.kind}")
         return tid
 
+    def percpu(self, variables: list[tuple[str, CType]]) -> None:
+        """A VAR for each per-CPU variable and the ``.data..percpu`` DATASEC holding them."""
+        if not variables:
+            return
+        entries = []
+        offset = 0
+        for name, t in variables:
+            type_id = self.id(t)
+            self.records.append(
+                struct.pack("<III", self.s(name), info("var"), type_id) + struct.pack("<I", 1)
+            )
+            entries.append(struct.pack("<III", len(self.records), offset, t.resolved().size))
+            offset += t.resolved().size
+        self.records.append(
+            struct.pack("<III", self.s(".data..percpu"), info("datasec", len(entries)), offset)
+            + b"".join(entries)
+        )
+
     def blob(self) -> bytes:
         types = b"".join(r or b"" for r in self.records)
         strings = bytes(self.strings)
@@ -504,6 +537,9 @@ def compile_btf(source: str, prelude: bool = True) -> tuple[bytes, Layout]:
     :raises CDeclError: the text is not C this parser understands.
     """
     types: dict[str, CType] = {}
+    # Every base type is in the BTF, as in a kernel's, used or not.
+    for name, size, enc in _BASE.values():
+        types.setdefault(f"int {name}", CType("int", name, size, size, enc))
     parser = _Parser(types)
     if prelude:
         parser.parse(PRELUDE)
@@ -511,4 +547,5 @@ def compile_btf(source: str, prelude: bool = True) -> tuple[bytes, Layout]:
     emitter = _Emitter()
     for t in list(types.values()):
         emitter.id(t)
+    emitter.percpu(parser.percpu)
     return emitter.blob(), Layout(types)

@@ -20,6 +20,7 @@ the kernel reads them back through the BTF that layout was encoded into.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -177,12 +178,15 @@ class SyntheticKernel:
         for path, value in values.items():
             self.set(address, type_name, path, value)
 
-    def new(self, type_name: str, count: int = 1, **values: Any) -> int:
+    def new(self, type_name: str, count: int = 1, /, **values: Any) -> int:
         """Allocate ``count`` objects of ``type_name`` in the direct map, write ``values``
-        (member names; ``__`` stands for ``.``) into the first; return its address."""
+        (member names; ``__`` between two names stands for ``.``) into the first; return its address.
+
+        ``count`` is positional only, so a member called ``count`` is a value like any other.
+        """
         t = self.layout.type(type_name).resolved()
         address = self.alloc(t.size * count, max(t.align, 8))
-        self.fill(address, type_name, {k.replace("__", "."): v for k, v in values.items()})
+        self.fill(address, type_name, _paths(values))
         return address
 
     # -- the kernel image ---------------------------------------------------------------------------
@@ -191,13 +195,15 @@ class SyntheticKernel:
         """Add a symbol to the symbol table (kallsyms)."""
         self.symbols.append((name, kind, address))
 
-    def global_(self, name: str, type_name: str, size: int | None = None, **values: Any) -> int:
+    def global_(
+        self, symbol: str, type_name: str, room: int | None = None, /, **values: Any
+    ) -> int:
         """A global variable of ``type_name`` in the kernel image, with its symbol; its address.
 
-        ``size`` reserves more room than the type (an array of unknown length).
+        ``room`` (positional) reserves more bytes than the type (an array of unknown length).
         """
         t = self.layout.type(type_name).resolved()
-        room = size if size is not None else t.size
+        room = room if room is not None else t.size
         self._image += -self._image % max(t.align, 8)
         paddr = self._image
         self._image += max(room, 1)
@@ -205,8 +211,8 @@ class SyntheticKernel:
             self._page(p)
             self.tables.map(START_KERNEL_MAP + p, p)
         address = START_KERNEL_MAP + paddr
-        self.symbol(name, address)
-        self.fill(address, type_name, {k.replace("__", "."): v for k, v in values.items()})
+        self.symbol(symbol, address)
+        self.fill(address, type_name, _paths(values))
         return address
 
     def drop(self, vaddr: int, fate: Fate = Fate.EXCLUDED) -> None:
@@ -272,6 +278,12 @@ class SyntheticKernel:
     def kernel(self) -> Kernel:
         """A :class:`~collector.kernel.kernel.Kernel` over everything built so far."""
         return Kernel(self.memory())
+
+
+def _paths(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword names to member paths: ``tasks__next`` is ``tasks.next``; a leading ``__``
+    (``__state``) is part of the name."""
+    return {re.sub(r"(?<=[^_])__(?=[^_])", ".", k): v for k, v in values.items()}
 
 
 class AddressSpace:

@@ -60,8 +60,9 @@ def session_guest(kernel: str, label: str = "", **options: object) -> Iterator[G
 
 @pytest.fixture(scope="session", params=KERNEL_KEYS, ids=[f"linux-{k}" for k in KERNEL_KEYS])
 def guest(request: pytest.FixtureRequest) -> Iterator[Guest]:
-    """A booted guest for one kernel, shared by every test of the session."""
-    yield from session_guest(request.param)
+    """A booted guest for one kernel, shared by every test of the session; two CPUs, so
+    per-CPU data has more than one copy."""
+    yield from session_guest(request.param, cpus=2)
 
 
 @dataclass

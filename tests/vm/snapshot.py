@@ -78,6 +78,12 @@ def main(argv: list[str]) -> None:
         }
         if "processor" in fields:
             cpus.append(fields)
+    stat = _read("/proc/stat")
+    cpustat = {}
+    for line in (stat or "").splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            cpustat[name[3:]] = [int(v) for v in values]
     online = _read("/sys/devices/system/cpu/online")
     possible = _read("/sys/devices/system/cpu/possible")
     json.dump(
@@ -85,6 +91,7 @@ def main(argv: list[str]) -> None:
             "processes": processes,
             "modules": (modules or "").splitlines(),
             "cpus": cpus,
+            "cpustat": cpustat,
             "online": (online or "").strip(),
             "possible": (possible or "").strip(),
         },

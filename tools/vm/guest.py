@@ -151,6 +151,7 @@ class Guest:
 
     :param kernel: a key of :data:`tools.vm.kernels.META_PACKAGES` ("6.1", "6.12").
     :param memory_mib: guest RAM.
+    :param cpus: virtual CPUs.
     :param extra_qemu_args: appended to QEMU's command line.
     :param cpu: QEMU ``-cpu`` model; :data:`DEFAULT_CPU` when None (``DEFAULT_CPU + ",+la57"``
         for 5-level paging).
@@ -162,6 +163,7 @@ class Guest:
         self,
         kernel: str = "6.1",
         memory_mib: int = 384,
+        cpus: int = 1,
         extra_qemu_args: tuple[str, ...] | list[str] = (),
         cpu: str | None = None,
         boot_timeout: float = 180,
@@ -173,6 +175,7 @@ class Guest:
             raise GuestError(f"unknown kernel {kernel!r}; known: {', '.join(KERNEL_KEYS)}", 2)
         self.kernel_key = kernel
         self.memory_mib = memory_mib
+        self.cpus = cpus
         self.extra_qemu_args = tuple(extra_qemu_args)
         self.cpu = cpu or DEFAULT_CPU
         self.boot_timeout = boot_timeout
@@ -265,7 +268,7 @@ class Guest:
             QEMU,
             "-accel", "tcg",
             "-m", str(self.memory_mib),
-            "-smp", "1",
+            "-smp", str(self.cpus),
             "-nographic",
             "-no-reboot",
             "-nic", "none",

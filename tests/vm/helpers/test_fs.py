@@ -11,11 +11,18 @@ from __future__ import annotations
 import pytest
 
 from collector.helpers.fs import d_path, dentry_path
+from collector.helpers.sched import for_each_process
 from collector.kernel.kernel import Kernel
+from collector.kernel.object import Object
 from tests.vm.conftest import Capture
-from tests.vm.helpers.conftest import processes, unchanged
+from tests.vm.helpers.conftest import unchanged
 
 pytestmark = pytest.mark.vm
+
+
+def processes(kernel: Kernel) -> dict[int, Object]:
+    """The image's processes (thread-group leaders) by PID."""
+    return {task.pid.value(): task for task in for_each_process(kernel)}
 
 
 def test_every_executable_path_matches_proc(capture: Capture, kernel: Kernel) -> None:

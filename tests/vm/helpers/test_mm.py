@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from collector.helpers.mm import (
-    PF_KTHREAD,
     access_process_vm,
     cmdline,
     environ,
@@ -25,10 +24,11 @@ from collector.helpers.mm import (
     virt_to_page,
     virt_to_phys,
 )
+from collector.helpers.sched import for_each_process, for_each_thread, is_kthread
 from collector.kernel.kernel import Kernel
 from collector.kernel.object import Object
 from tests.vm.conftest import WITNESS, WITNESS_ARGS, Capture, iomem_entries
-from tests.vm.helpers.conftest import processes, unchanged
+from tests.vm.helpers.conftest import unchanged
 from tests.vm.test_analysis import (
     core_symbol,
     gva2gpa,
@@ -39,6 +39,12 @@ from tests.vm.test_analysis import (
 from tools.vm.guest import guest_path_env
 
 pytestmark = pytest.mark.vm
+
+
+def processes(kernel: Kernel) -> dict[int, Object]:
+    """The image's processes (thread-group leaders) by PID."""
+    return {task.pid.value(): task for task in for_each_process(kernel)}
+
 
 PAGE = 4096
 
@@ -51,26 +57,10 @@ def test_the_witness_command_line(capture: Capture, kernel: Kernel) -> None:
     assert proc_cmdline(task) == bytes.fromhex(snapshot["cmdline"])
 
 
-def threads(task: Object) -> list[Object]:
-    """The threads of a process: ``task->signal->thread_head``, linked by ``thread_node``."""
-    head = task.signal.thread_head
-    out = []
-    node = head.next.value()
-    for _ in range(1000):
-        if node == head.address:
-            return out
-        thread = task.kernel.object("struct list_head", node).container_of(
-            "struct task_struct", "thread_node"
-        )
-        out.append(thread)
-        node = thread.thread_node.next.value()
-    raise AssertionError("signal->thread_head does not close")
-
-
 def test_the_witness_threads_and_environment(capture: Capture, kernel: Kernel) -> None:
     task = processes(kernel)[capture.witness]
     snapshot = capture.before["processes"][str(capture.witness)]
-    found = threads(task)
+    found = list(for_each_thread(task))
     assert sorted(int(t.pid) for t in found) == snapshot["threads"]
     # Every thread shares the process's memory, so each reads the same command line.
     for thread in found:
@@ -93,7 +83,7 @@ def test_every_command_line_matches_proc(capture: Capture, kernel: Kernel) -> No
         assert task is not None, f"pid {pid} ({p['comm']}) lived across the capture"
         assert proc_cmdline(task) == bytes.fromhex(p["cmdline"]), (pid, p["comm"])
         compared += 1
-        user += not int(task.flags) & PF_KTHREAD
+        user += not is_kthread(task)
     print(f"command lines compared: {compared} processes, {user} of them user processes")
     assert user >= 2  # at least the guest's init and the witness
 
@@ -161,7 +151,7 @@ def test_struct_pages_and_the_direct_map_agree_with_qemu(capture: Capture, kerne
 
 
 def test_kernel_threads_have_no_command_line(kernel: Kernel) -> None:
-    threads = [t for t in processes(kernel).values() if int(t.flags) & PF_KTHREAD]
+    threads = [t for t in processes(kernel).values() if is_kthread(t)]
     assert threads
     for task in threads:
         assert cmdline(task) == []

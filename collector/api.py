@@ -1,0 +1,123 @@
+"""Everything a plugin author needs, in one import.
+
+::
+
+    from collector.api import Analysis, Field, hookimpl, for_each_process
+
+    PSNAMES = Analysis(
+        name="psnames",
+        summary="process IDs and names",
+        fields=(Field("pid", "int", "process ID"), Field("comm", "str", "task name")),
+        run=lambda kernel, options: (
+            {"pid": t.pid.value(), "comm": t.comm.text()} for t in for_each_process(kernel)
+        ),
+    )
+
+    @hookimpl
+    def collector_analyses():
+        return [PSNAMES]
+
+See docs/plugins.md for the guide.
+"""
+
+from __future__ import annotations
+
+from collector.errors import BrokenStructure, CollectorError, ImageError, NotApplicable
+from collector.helpers.list import (
+    hlist_empty,
+    hlist_for_each,
+    hlist_for_each_entry,
+    list_count,
+    list_empty,
+    list_first_entry,
+    list_for_each,
+    list_for_each_entry,
+    list_for_each_entry_reverse,
+    list_for_each_reverse,
+    list_is_singular,
+    validate_list,
+)
+from collector.helpers.module import (
+    for_each_module,
+    module_address,
+    module_core_size,
+    module_init_size,
+    module_name,
+    module_refcount,
+    module_size,
+    module_state,
+)
+from collector.helpers.percpu import (
+    for_each_online_cpu,
+    for_each_possible_cpu,
+    for_each_present_cpu,
+    nr_cpu_ids,
+    per_cpu,
+    per_cpu_offset,
+    per_cpu_ptr,
+)
+from collector.helpers.sched import (
+    find_task,
+    for_each_process,
+    for_each_task,
+    for_each_thread,
+    is_kthread,
+    task_cred_ids,
+    task_state,
+)
+from collector.hookspecs import Analysis, Field, Option, hookimpl
+from collector.kernel.kernel import Kernel
+from collector.kernel.object import Object, ObjectError, Type, container_of
+from collector.memory import Fate, PageNotCaptured
+
+__all__ = [
+    "Analysis",
+    "BrokenStructure",
+    "CollectorError",
+    "Fate",
+    "Field",
+    "ImageError",
+    "Kernel",
+    "NotApplicable",
+    "Object",
+    "ObjectError",
+    "Option",
+    "PageNotCaptured",
+    "Type",
+    "container_of",
+    "find_task",
+    "for_each_module",
+    "for_each_online_cpu",
+    "for_each_possible_cpu",
+    "for_each_present_cpu",
+    "for_each_process",
+    "for_each_task",
+    "for_each_thread",
+    "hlist_empty",
+    "hlist_for_each",
+    "hlist_for_each_entry",
+    "hookimpl",
+    "is_kthread",
+    "list_count",
+    "list_empty",
+    "list_first_entry",
+    "list_for_each",
+    "list_for_each_entry",
+    "list_for_each_entry_reverse",
+    "list_for_each_reverse",
+    "list_is_singular",
+    "module_address",
+    "module_core_size",
+    "module_init_size",
+    "module_name",
+    "module_refcount",
+    "module_size",
+    "module_state",
+    "nr_cpu_ids",
+    "per_cpu",
+    "per_cpu_offset",
+    "per_cpu_ptr",
+    "task_cred_ids",
+    "task_state",
+    "validate_list",
+]
