@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from collector.errors import BrokenStructure, ImageError, NotApplicable
+from collector.helpers.sched import is_kthread
 from collector.kernel.btf import Kind
 from collector.kernel.object import Object, Type, Value
 from collector.memory import PageNotCaptured
@@ -152,9 +153,6 @@ def vmalloc_to_page(kernel: Kernel, address: int) -> Object:
 
 # -- a process's user memory --------------------------------------------------------------------
 
-#: ``PF_KTHREAD`` (include/linux/sched.h): the task is a kernel thread. A preprocessor
-#: constant, so not in BTF; its value has been 0x00200000 since it was introduced (2.6.27).
-PF_KTHREAD = 0x00200000
 #: The longest read :func:`access_process_vm` accepts (bounds hostile sizes).
 MAX_USER_READ = 64 * 1024 * 1024
 #: /proc/PID/cmdline reads at most one page when a process rewrote its argv (setproctitle).
@@ -208,7 +206,7 @@ def _identity(task: Object) -> tuple[int, str]:
 def _user_mm(task: Object) -> Object | None:
     """``get_task_mm()``: the task's ``struct mm_struct *``, or None for a kernel thread or a
     task whose memory is gone (a zombie)."""
-    if int(task.flags) & PF_KTHREAD:
+    if is_kthread(task):
         # A kernel thread may borrow a process's mm (kthread_use_mm); it is not its own.
         return None
     mm = task.mm
@@ -230,7 +228,7 @@ class _UserPages:
         self.pid, self.comm = _identity(task)
         mm = _user_mm(task)
         if mm is None:
-            why = "is a kernel thread" if int(task.flags) & PF_KTHREAD else "has no mm (exited)"
+            why = "is a kernel thread" if is_kthread(task) else "has no mm (exited)"
             raise NotApplicable(f"pid {self.pid} ({self.comm}) {why}: it has no user memory")
         self.mm = mm
         pgd = mm.pgd.value()

@@ -6,7 +6,6 @@ import pytest
 
 from collector.errors import ImageError, NotApplicable
 from collector.helpers.mm import (
-    PF_KTHREAD,
     UserPageNotCaptured,
     UserPageNotPresent,
     access_process_vm,
@@ -23,6 +22,7 @@ from collector.helpers.mm import (
     virt_to_phys,
     vmalloc_to_page,
 )
+from collector.helpers.sched import PF_KTHREAD
 from collector.memory import Fate, PageNotCaptured
 from collector.profiles.x86_64 import PageNotPresent
 from collector.testing import SyntheticKernel
