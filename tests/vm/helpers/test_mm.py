@@ -150,7 +150,7 @@ def test_struct_pages_and_the_direct_map_agree_with_qemu(capture: Capture, kerne
     assert checked >= 2
 
 
-def test_kernel_threads_have_no_command_line(kernel: Kernel) -> None:
+def test_kernel_threads_have_no_command_line(capture: Capture, kernel: Kernel) -> None:
     threads = [t for t in processes(kernel).values() if is_kthread(t)]
     assert threads
     for task in threads:
