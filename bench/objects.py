@@ -7,7 +7,8 @@ as a plugin writes it, and on Objects made beforehand), and ``kernel.read_struct
 with Objects (``container_of``, ``tasks.next``) against raw pointer reads.
 
 The synthetic kernel has 10,000 tasks whose ``struct task_struct`` is padded to a real one's
-size; an image path given on the command line is measured too (its own tasks, its own BTF).
+size; an image path given on the command line is measured too (its own tasks, its own BTF,
+reads through the image's compressed chunks).
 
     python bench/objects.py [IMAGE] [--tasks 10000] [--seconds 1.0]
 
@@ -24,12 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from collector.errors import CollectorError
 from collector.kernel.kernel import Kernel
 from collector.kernel.object import Object
 from collector.testing import SyntheticKernel
 
-# A struct task_struct with the members walked here where a 6.1 kernel has them, padded to
-# its size (about 9.6 KiB on Debian's 6.1 build), so whole-struct parses cost what they do.
+# A struct task_struct with the members read here, padded to the size of Debian 6.1's
+# (9,792 bytes). The padding is a few arrays where the real one has hundreds of members, so a
+# whole-struct parse costs far less here than on a real image: measure one to see that cost.
 DECLARATIONS = """
 struct list_head { struct list_head *next, *prev; };
 struct mm_struct;
@@ -47,7 +50,7 @@ struct task_struct {
     int tgid;
     unsigned long pad2[60];
     char comm[16];
-    unsigned long pad3[960];
+    unsigned long pad3[1004];
 };
 """
 MAX_TASKS = 1_000_000
@@ -165,7 +168,10 @@ def main() -> None:
     if opts.image:
         from collector.image.open import open_image
 
-        memory = open_image(opts.image)
+        try:
+            memory = open_image(opts.image)
+        except CollectorError as exc:
+            sys.exit(f"objects.py: {exc}")
         try:
             measure(opts.image, Kernel(memory), opts.seconds, opts.sample)
         finally:
