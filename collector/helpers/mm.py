@@ -161,7 +161,8 @@ _PROCTITLE_MAX = PAGE_SIZE
 
 class UserPageNotPresent(PageNotPresent):
     """A user address of a process is not in memory: its page was never touched, is swapped
-    out or is being migrated. The kernel would fault it in; an image cannot.
+    out or is being migrated. The kernel would fault it in; an image cannot. (A PROT_NONE
+    page, which NUMA balancing makes of pages still in memory, is read like any other.)
 
     ``pid`` and ``address`` name where; ``swap_entry`` is the raw not-present entry when it
     holds one (nonzero), else 0.
@@ -245,6 +246,7 @@ class _UserPages:
         kpaging = kernel.paging
         self.paging = kernel.profile.Paging(kernel.memory, top, kpaging.levels, kpaging.sme_mask)
         self.end = _task_size_max(kernel)
+        self.physmem_bits = _max_physmem_bits(kernel)
 
     def read(self, address: int, size: int) -> bytes:
         if size < 0 or size > MAX_USER_READ:
@@ -277,10 +279,13 @@ class _UserPages:
             raise UserPageNotCaptured(address, self.pid, self.comm, exc, "a page table") from None
         except PageNotPresent as exc:
             entry = exc.steps[-1].entry if exc.steps else 0
+            found = _protnone(entry, exc.level, address, self.paging.sme_mask, self.physmem_bits)
+            if found is not None:
+                return found
             if entry:
                 why = (
-                    f"its {exc.level} entry holds {entry:#x}, not present: swapped out, being"
-                    " migrated or PROT_NONE"
+                    f"its {exc.level} entry holds {entry:#x}, not present: swapped out or"
+                    " being migrated"
                 )
             else:
                 why = f"its {exc.level} entry is empty: never touched or not mapped"
@@ -298,6 +303,41 @@ class _UserPages:
                 f"pid {self.pid} ({self.comm}): the page tables at mm->pgd are broken: {exc}"
             ) from None
         return t.paddr, t.page_size - t.paddr % t.page_size
+
+
+#: ``_PAGE_PROTNONE`` (arch/x86/include/asm/pgtable_types.h): the global bit, which no user
+#: page sets, marks a PROT_NONE or NUMA-hinting entry whose present bit is clear.
+_PAGE_PROTNONE = 1 << 8
+_PAGE_PSE = 1 << 7
+_PFN_MASK = 0x000FFFFFFFFFF000
+_PROTNONE_LEAVES = {"PT": 1 << 12, "PD": 1 << 21, "PDPT": 1 << 30}
+
+
+def _protnone(
+    entry: int, level: str, address: int, sme_mask: int, physmem_bits: int
+) -> tuple[int, int] | None:
+    """Where a PROT_NONE leaf entry points, as ``(paddr, bytes to the end of its page)``, or
+    None for any other not-present entry.
+
+    The kernel counts such an entry as present (``pte_present()`` tests ``_PAGE_PRESENT |
+    _PAGE_PROTNONE``): NUMA balancing turns pages PROT_NONE to catch the next access, so
+    the page is still in memory. Since 4.19 ("x86/speculation/l1tf: Protect PROT_NONE PTEs
+    against speculation") the frame number of a not-present entry is stored inverted
+    (asm/pgtable-invert.h). Above the last level only a huge page is a leaf (``_PAGE_PSE``).
+    """
+    size = _PROTNONE_LEAVES.get(level)
+    if size is None or not entry & _PAGE_PROTNONE:
+        return None
+    if level != "PT" and not entry & _PAGE_PSE:
+        return None
+    offset = address % size
+    # Kernels before 4.19 store it as it is; an inverted small frame number lies far above
+    # any physical address, so the one that is a physical address is the right reading.
+    for raw in (~entry, entry):
+        base = raw & _PFN_MASK & ~sme_mask & ~(size - 1)
+        if base < 1 << physmem_bits:
+            return base + offset, size - offset
+    return None
 
 
 def access_process_vm(task: Object, address: int, size: int) -> bytes:

@@ -204,6 +204,37 @@ def test_a_swapped_out_page_says_so() -> None:
     assert e.value.level == "PT"
 
 
+def test_prot_none_pages_are_in_memory_and_read() -> None:
+    sk = make()
+    task, space = process(sk)
+    backing = sk.alloc_page()
+    sk.write(backing, b"hinted by NUMA balancing")
+    huge = sk.alloc(MiB2, MiB2)
+    sk.write(huge + 0x12345, b"a huge PROT_NONE page")
+    paddr, huge_paddr = sk.virt_to_phys(backing), sk.virt_to_phys(huge)
+    # Present bit clear, _PAGE_PROTNONE (bit 8) set, the frame number stored inverted.
+    space.set_pte(0x400000, (~paddr & 0x000FFFFFFFFFF000) | 0x100 | 0x60 | 0x4 | 0x2)
+    space.map(0x800000, MiB2)
+    pd = space.tables.table_at(0x800000, "PD")
+    space.tables.set_entry(pd, 4, (~huge_paddr & 0x000FFFFFFFFFF000) | 0x100 | 0x80 | 0x66)
+    kernel = sk.kernel()
+    t = kernel.object("struct task_struct", task)
+    assert access_process_vm(t, 0x400000, 24) == b"hinted by NUMA balancing"
+    assert access_process_vm(t, 0x800000 + 0x12345, 21) == b"a huge PROT_NONE page"
+
+
+def test_prot_none_frames_stored_as_they_are_read_too() -> None:
+    # Before 4.19 a PROT_NONE entry kept its frame number as it is.
+    sk = make()
+    task, space = process(sk)
+    backing = sk.alloc_page()
+    sk.write(backing, b"not inverted")
+    space.set_pte(0x400000, sk.virt_to_phys(backing) | 0x100 | 0x66)
+    kernel = sk.kernel()
+    t = kernel.object("struct task_struct", task)
+    assert access_process_vm(t, 0x400000, 12) == b"not inverted"
+
+
 def test_a_page_not_captured_names_the_address_and_its_fate() -> None:
     sk = make()
     task, space = process(sk)
