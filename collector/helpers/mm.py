@@ -161,7 +161,9 @@ def _anonymous_name(vma: Object) -> str | None:
     if vma.type.resolved().has_member("anon_name"):
         anon = vma.member("anon_name")
         if not anon.is_null():
-            return "[anon:" + anon.member("name").cast(kernel.type("char *")).text(256) + "]"
+            # name[] is a flexible array: read it as the C string it is.
+            text = kernel.read_cstring(anon.member("name").address, 256)
+            return "[anon:" + text.decode("utf-8", "backslashreplace") + "]"
     return None
 
 
