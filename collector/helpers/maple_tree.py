@@ -80,6 +80,7 @@ class _Layout:
             names = dict((v, n) for n, v in kernel.type("enum maple_type").enumerators())
         except ObjectError:  # a BTF without the enum: the header's order
             names = dict(enumerate(_TYPE_NAMES))
+        self.names = names
         self.kinds: dict[int, _Kind] = {}
         for value, name in names.items():
             if name == "maple_dense":
@@ -146,7 +147,13 @@ class _Walker:
         where = f"maple tree {self.mt:#x}: node {address:#x}"
         kind = self.layout.kinds.get(type_value)
         if kind is None:
-            raise BrokenStructure(f"{where} has impossible node type {type_value}")
+            known = self.layout.names.get(type_value)
+            what = (
+                f"node type {type_value} ({known}), which this reader does not know"
+                if known
+                else f"impossible node type {type_value}"
+            )
+            raise BrokenStructure(f"{where} has {what}")
         if not address:
             raise BrokenStructure(f"{where}: a NULL child in slot {slot} of {parent:#x}")
         if depth > MAPLE_HEIGHT_MAX:

@@ -30,12 +30,14 @@ def _struct(obj: Object) -> Object:
 def for_each_vma(mm: Object, max_count: int = DEFAULT_MAX_COUNT) -> Iterator[Object]:
     """``for_each_vma(vmi, vma)``: every VMA of an address space, by increasing address.
 
-    :param mm: ``struct mm_struct *``
+    :param mm: ``struct mm_struct *`` (NULL, as a kernel thread's ``task->mm`` is, has none)
     :param max_count: the most VMAs before the address space is called broken.
     :returns: ``struct vm_area_struct`` objects.
     :raises BrokenStructure: a broken maple tree or list, or a VMA whose bounds are not the
         range the tree files it under.
     """
+    if mm.is_null():
+        return
     mm = _struct(mm)
     kernel = mm.kernel
     vma_type = kernel.type("struct vm_area_struct")

@@ -9,6 +9,7 @@ import pytest
 
 from collector.errors import BrokenStructure
 from collector.helpers.mm import for_each_vma, show_map_vma
+from collector.kernel.object import Value
 from collector.testing import SyntheticKernel
 from collector.testing.trees import MAPLE_TREE, XARRAY, mt_build
 
@@ -132,6 +133,7 @@ def test_vm_next_list_before_6_1() -> None:
     kernel = sk.kernel()
     got = list(for_each_vma(kernel.object("struct mm_struct", mm)))
     assert [v.address for v in got] == vmas
+    assert list(for_each_vma(Value(kernel, kernel.type("struct mm_struct *"), 0))) == []
     # no anon_name member: the named anonymous VMA shows no name
     assert show_map_vma(got[5]).name is None and show_map_vma(got[3]).name == "[heap]"
 
