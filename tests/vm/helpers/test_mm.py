@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from collector.helpers.maple_tree import mtree_load
 from collector.helpers.mm import for_each_vma, show_map_vma
 from collector.kernel.kernel import Kernel
 from collector.kernel.object import Object
@@ -59,9 +60,20 @@ def test_for_each_vma_matches_proc_maps(
     ]
     assert len(entries) == len(want)
     assert got == want
+    # mtree_load() finds each VMA by any address in it, and nothing in the gaps between
+    mt = witness_task.mm.mm_mt.address_of()
+    vmas = [vma.address for vma in for_each_vma(witness_task.mm)]
+    gaps = 0
+    for i, e in enumerate(entries):
+        assert mtree_load(mt, e.start).value() == vmas[i]
+        assert mtree_load(mt, e.end - 1).value() == vmas[i]
+        if i + 1 < len(entries) and entries[i + 1].start > e.end:
+            assert mtree_load(mt, e.end).value() == 0
+            gaps += 1
     files = sum(e.file is not None for e in entries)
     named = sorted(e.name for e in entries if e.name)
     print(
         f"{kernel.release}: {len(entries)} VMAs of PID {pid} match /proc/{pid}/maps"
-        f" ({files} file mappings; named: {', '.join(named)})"
+        f" ({files} file mappings; named: {', '.join(named)}); mtree_load found each, and"
+        f" NULL in {gaps} gaps"
     )
