@@ -3,6 +3,7 @@ every node type, several levels, gaps, zero entries, and broken trees."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -166,6 +167,19 @@ def test_pivot_out_of_order() -> None:
     sk.write_u64(leaf.address + pivot + 8 * 3, 5)
     with pytest.raises(BrokenStructure, match="pivot 3 is 0x5, out of order"):
         walk(sk, mt)
+
+
+def test_an_internal_node_cut_short() -> None:
+    sk, mt, top, ranges = two_levels()
+    slot = sk.offsetof("struct maple_node", "mr64.slot")
+    sk.write_u64(top.address + slot + 8 * 1, 0)
+    entries = mt_for_each(mt_of(sk, mt))
+    first_leaf = [r for r in ranges if r[1] <= top.children[0].last]
+    assert [(a, b, e.value()) for a, b, e in itertools.islice(entries, len(first_leaf))] == (
+        first_leaf
+    )
+    with pytest.raises(BrokenStructure, match="a NULL child in slot 1"):
+        next(entries)
 
 
 def test_cycle_dead_node_and_wrong_parent() -> None:
