@@ -23,6 +23,7 @@ See docs/plugins.md for the guide.
 from __future__ import annotations
 
 from collector.errors import BrokenStructure, CollectorError, ImageError, NotApplicable
+from collector.helpers.idr import idr_find, idr_for_each
 from collector.helpers.list import (
     hlist_empty,
     hlist_for_each,
@@ -37,6 +38,8 @@ from collector.helpers.list import (
     list_is_singular,
     validate_list,
 )
+from collector.helpers.maple_tree import mt_for_each, mtree_load
+from collector.helpers.mm import for_each_vma, show_map_vma
 from collector.helpers.module import (
     for_each_module,
     module_address,
@@ -56,6 +59,16 @@ from collector.helpers.percpu import (
     per_cpu_offset,
     per_cpu_ptr,
 )
+from collector.helpers.pid import find_pid, find_pid_ns, for_each_pid, pid_task
+from collector.helpers.rbtree import (
+    rb_first,
+    rb_last,
+    rb_next,
+    rb_parent,
+    rb_prev,
+    rbtree_inorder_for_each,
+    rbtree_inorder_for_each_entry,
+)
 from collector.helpers.sched import (
     find_task,
     for_each_process,
@@ -64,6 +77,14 @@ from collector.helpers.sched import (
     is_kthread,
     task_cred_ids,
     task_state,
+)
+from collector.helpers.xarray import (
+    radix_tree_for_each,
+    radix_tree_lookup,
+    xa_for_each,
+    xa_is_value,
+    xa_load,
+    xa_to_value,
 )
 from collector.hookspecs import Analysis, Field, Option, hookimpl
 from collector.kernel.kernel import Kernel
@@ -85,18 +106,24 @@ __all__ = [
     "PageNotCaptured",
     "Type",
     "container_of",
+    "find_pid",
+    "find_pid_ns",
     "find_task",
     "for_each_module",
     "for_each_online_cpu",
+    "for_each_pid",
     "for_each_possible_cpu",
     "for_each_present_cpu",
     "for_each_process",
     "for_each_task",
     "for_each_thread",
+    "for_each_vma",
     "hlist_empty",
     "hlist_for_each",
     "hlist_for_each_entry",
     "hookimpl",
+    "idr_find",
+    "idr_for_each",
     "is_kthread",
     "list_count",
     "list_empty",
@@ -113,11 +140,28 @@ __all__ = [
     "module_refcount",
     "module_size",
     "module_state",
+    "mt_for_each",
+    "mtree_load",
     "nr_cpu_ids",
     "per_cpu",
     "per_cpu_offset",
     "per_cpu_ptr",
+    "pid_task",
+    "radix_tree_for_each",
+    "radix_tree_lookup",
+    "rb_first",
+    "rb_last",
+    "rb_next",
+    "rb_parent",
+    "rb_prev",
+    "rbtree_inorder_for_each",
+    "rbtree_inorder_for_each_entry",
+    "show_map_vma",
     "task_cred_ids",
     "task_state",
     "validate_list",
+    "xa_for_each",
+    "xa_is_value",
+    "xa_load",
+    "xa_to_value",
 ]
