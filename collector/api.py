@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collector.errors import BrokenStructure, CollectorError, ImageError, NotApplicable
 from collector.helpers.fs import PathTooLong, d_path, d_unlinked, dentry_path, dentry_path_raw
+from collector.helpers.idr import idr_find, idr_for_each
 from collector.helpers.list import (
     hlist_empty,
     hlist_for_each,
@@ -38,12 +39,14 @@ from collector.helpers.list import (
     list_is_singular,
     validate_list,
 )
+from collector.helpers.maple_tree import mt_for_each, mtree_load
 from collector.helpers.mm import (
     UserPageNotCaptured,
     UserPageNotPresent,
     access_process_vm,
     cmdline,
     environ,
+    for_each_vma,
     page_address,
     page_to_pfn,
     page_to_phys,
@@ -53,6 +56,7 @@ from collector.helpers.mm import (
     phys_to_virt,
     proc_cmdline,
     proc_environ,
+    show_map_vma,
     virt_to_page,
     virt_to_pfn,
     virt_to_phys,
@@ -77,6 +81,16 @@ from collector.helpers.percpu import (
     per_cpu_offset,
     per_cpu_ptr,
 )
+from collector.helpers.pid import find_pid, find_pid_ns, for_each_pid, pid_task
+from collector.helpers.rbtree import (
+    rb_first,
+    rb_last,
+    rb_next,
+    rb_parent,
+    rb_prev,
+    rbtree_inorder_for_each,
+    rbtree_inorder_for_each_entry,
+)
 from collector.helpers.sched import (
     find_task,
     for_each_process,
@@ -85,6 +99,14 @@ from collector.helpers.sched import (
     is_kthread,
     task_cred_ids,
     task_state,
+)
+from collector.helpers.xarray import (
+    radix_tree_for_each,
+    radix_tree_lookup,
+    xa_for_each,
+    xa_is_value,
+    xa_load,
+    xa_to_value,
 )
 from collector.hookspecs import Analysis, Field, Option, hookimpl
 from collector.kernel.kernel import Kernel
@@ -116,18 +138,24 @@ __all__ = [
     "dentry_path",
     "dentry_path_raw",
     "environ",
+    "find_pid",
+    "find_pid_ns",
     "find_task",
     "for_each_module",
     "for_each_online_cpu",
+    "for_each_pid",
     "for_each_possible_cpu",
     "for_each_present_cpu",
     "for_each_process",
     "for_each_task",
     "for_each_thread",
+    "for_each_vma",
     "hlist_empty",
     "hlist_for_each",
     "hlist_for_each_entry",
     "hookimpl",
+    "idr_find",
+    "idr_for_each",
     "is_kthread",
     "list_count",
     "list_empty",
@@ -144,6 +172,8 @@ __all__ = [
     "module_refcount",
     "module_size",
     "module_state",
+    "mt_for_each",
+    "mtree_load",
     "nr_cpu_ids",
     "page_address",
     "page_to_pfn",
@@ -155,8 +185,19 @@ __all__ = [
     "pfn_to_page",
     "pfn_to_virt",
     "phys_to_virt",
+    "pid_task",
     "proc_cmdline",
     "proc_environ",
+    "radix_tree_for_each",
+    "radix_tree_lookup",
+    "rb_first",
+    "rb_last",
+    "rb_next",
+    "rb_parent",
+    "rb_prev",
+    "rbtree_inorder_for_each",
+    "rbtree_inorder_for_each_entry",
+    "show_map_vma",
     "task_cred_ids",
     "task_state",
     "validate_list",
@@ -164,4 +205,8 @@ __all__ = [
     "virt_to_pfn",
     "virt_to_phys",
     "vmalloc_to_page",
+    "xa_for_each",
+    "xa_is_value",
+    "xa_load",
+    "xa_to_value",
 ]

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from collector.errors import NotApplicable
 from collector.helpers.list import DEFAULT_MAX_COUNT, list_for_each_entry
-from collector.kernel.object import Object
+from collector.helpers.pid import find_pid, pid_task
+from collector.kernel.object import Object, ObjectError
 
 if TYPE_CHECKING:
     from collector.kernel.kernel import Kernel
@@ -79,14 +80,32 @@ def for_each_task(kernel: Kernel, max_count: int = DEFAULT_MAX_COUNT) -> Iterato
 
 
 def find_task(kernel: Kernel, pid: int) -> Object | None:
-    """The task whose PID (thread ID) is ``pid``, or None (``find_task_by_pid_ns`` in the
-    initial PID namespace). PID 0 is the idle task, ``init_task``."""
+    """The task whose PID (thread ID) is ``pid``, or None: ``find_task_by_pid_ns()`` in the
+    initial PID namespace, through its IDR (4.15 and later), else by walking every task.
+    PID 0 is the idle task, ``init_task``."""
     if pid == 0:
         return kernel.variable("init_task")
+    if _pid_idr(kernel):
+        task = pid_task(find_pid(kernel, pid), "PIDTYPE_PID")
+        if task.is_null():
+            return None
+        found = task.deref()
+        # A PID freed and reused while the capture ran can leave the IDR pointing at
+        # another task's struct pid: trust the task's own number.
+        if found.pid.value() == pid:
+            return found
     for task in for_each_task(kernel):
         if task.pid.value() == pid:
             return task
     return None
+
+
+def _pid_idr(kernel: Kernel) -> bool:
+    # 4.15 ("pid: replace pid bitmap implementation with IDR API") put PIDs in an IDR.
+    try:
+        return kernel.type("struct pid_namespace").has_member("idr")
+    except ObjectError:
+        return False
 
 
 def task_state_index(task: Object) -> int:

@@ -98,6 +98,8 @@ GLOBALS: dict[str, Global] = {
     # time
     "jiffies_64": Global("u64", "kernel/time/timer.c: u64 jiffies_64 = INITIAL_JIFFIES;"),
     "jiffies": Global("unsigned long", "arch/x86/kernel/vmlinux.lds.S: jiffies = jiffies_64;"),
+    # sysfs
+    "module_kset": Global("struct kset *", "kernel/params.c: struct kset *module_kset;"),
     # file systems
     "super_blocks": Global("struct list_head", "fs/super.c: static LIST_HEAD(super_blocks);"),
 }
