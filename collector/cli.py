@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import collector
 from collector.errors import CollectorError
+from collector.signals import Interrupted
 
 CAPTURE_EPILOG = """\
 commands (collect COMMAND --help for each):
@@ -113,10 +114,15 @@ def capture_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         metavar="PATH",
-        help="image file, or - for stdout (default: <hostname>-<UTC time>.lime.zst); created "
-        "0600, never overwritten without --force, never through a symlink",
+        help="image file, or - for stdout (default: <hostname>-<UTC time>.lime.zst); always a "
+        "new file, mode 0600, never created through a symlink",
     )
-    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing regular file: a new 0600 file is renamed over it before any "
+        "RAM is read (the old file's mode and owner are not kept)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and read no RAM")
     p.add_argument("--level", type=int, default=1, help="zstd level (default 1: fastest)")
     p.add_argument(
@@ -182,6 +188,18 @@ def _check_profile(name: str, sysroot: str) -> None:
 
 
 def cmd_capture(args: argparse.Namespace, argv: list[str]) -> int:
+    from collector import signals
+
+    with signals.handled():
+        try:
+            return _capture(args, argv)
+        except Interrupted as e:
+            if not e.detail and not args.dry_run:
+                e.detail = "before any RAM was read; no image was written"
+            raise
+
+
+def _capture(args: argparse.Namespace, argv: list[str]) -> int:
     from collector.acquire import session
 
     _check_profile(args.profile, args.sysroot)
@@ -255,18 +273,20 @@ def _print_summary(s: dict, out=sys.stdout) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from collector import signals
     from collector.acquire import session
 
-    _check_profile(args.profile, args.sysroot)
-    options = session.CaptureOptions(
-        profile=args.profile,
-        sysroot=args.sysroot,
-        source=args.source,
-        include=args.include,
-        exclude=args.exclude,
-    )
-    with session.build_plan(options)[0] as the_plan:
-        return _print_plan(the_plan, args.json)
+    with signals.handled():
+        _check_profile(args.profile, args.sysroot)
+        options = session.CaptureOptions(
+            profile=args.profile,
+            sysroot=args.sysroot,
+            source=args.source,
+            include=args.include,
+            exclude=args.exclude,
+        )
+        with session.build_plan(options)[0] as the_plan:
+            return _print_plan(the_plan, args.json)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -363,7 +383,7 @@ def _address(kernel, text: str) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from collector.acquire.session import open_output
+    from collector import outfile, signals
     from collector.image import export
     from collector.image.open import open_image
 
@@ -371,7 +391,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CollectorError("a raw (padded) export needs a file it can seek in, not stdout", 2)
     memory = open_image(args.image)
     try:
-        with open_output(args.output, args.force) as out:
+        with signals.handled(), outfile.writing(args.output, args.force) as out:
             if args.to == "raw":
                 summary = export.export_raw(memory, out)
             elif args.to == "lime":
@@ -474,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         args = capture_parser().parse_args(argv)
         return cmd_capture(args, argv)
     except CollectorError as e:
+        print(f"collect: {e}", file=sys.stderr)
+        return e.exit_code
+    except Interrupted as e:
         print(f"collect: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
