@@ -32,8 +32,14 @@ examples:
   zstd -dc IMAGE > mem.lime                     a LiME file for Volatility 3
   zstd -dc IMAGE | sha256sum                    compare with `collect info IMAGE`
 
-exit status: 0 done, 1 error, 2 usage, 130/143 interrupted by SIGINT/SIGTERM (the image
-is complete up to the last chunk and says so).
+output: the image is always a new file, mode 0600, owned by the user running collect.
+--force replaces an existing regular file (never a symlink, directory or device) by renaming
+a new file over it before any RAM is read; the old file is not kept, so a capture that fails
+after that leaves its own image, readable up to its last complete chunk, under that name.
+
+exit status: 0 done, 1 error, 2 usage, 130/143 interrupted by SIGINT/SIGTERM. A signal
+while planning or probing ends collect at once and writes nothing; once the image is open,
+the chunk under way is completed and the image closed, saying what it misses.
 """
 
 
@@ -470,11 +476,23 @@ def command_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_translate)
 
-    p = sub.add_parser("export", help="convert an image to LiME, raw (padded) or ELF core")
+    p = sub.add_parser(
+        "export",
+        help="convert an image to LiME, raw (padded) or ELF core",
+        description="Convert an image. The output is written under a temporary name beside "
+        "it, mode 0600, and renamed into place only when complete; a failed export removes "
+        "its partial file and leaves an existing one as it was.",
+    )
     p.add_argument("image")
     p.add_argument("--to", choices=["lime", "raw", "elf"], required=True)
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--force", action="store_true")
+    p.add_argument(
+        "-o", "--output", required=True, help="file to create, or - for stdout (not for raw)"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing regular file (a new file is renamed over it)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_export)
 
