@@ -271,6 +271,12 @@ def _print_summary(s: dict, out=sys.stdout) -> None:
         lines.append(f"unreadable: {errs}")
     for k, v in (s.get("missing_metadata") or {}).items():
         lines.append(f"metadata missing: {k}: {v}")
+    if s.get("unpadded"):
+        start, end = s["unpadded"]
+        lines.append(
+            f"not padded: {start:#x}-{end - 1:#x} ({_human(end - start)}): the image ends inside "
+            "this range, and `zstd -dc` gives a LiME file cut short there"
+        )
     lines.append(f"sha256 of `zstd -dc`: {s.get('stream_sha256')}")
     print("\n".join(lines), file=out)
 

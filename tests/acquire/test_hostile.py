@@ -8,6 +8,7 @@ with a MemoryError instead of taking the machine's memory, and report their own 
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import resource
@@ -136,6 +137,14 @@ def test_a_huge_range_is_planned_exactly_and_captured_as_a_stream(fake, tmp_path
     # inside it, and says where.
     cut, end = summary["unpadded"]
     assert end == HUGE_END and 0x100200000 < cut < HUGE_END and cut % (4 << 20) == 0
+    from collector.cli import _print_summary
+
+    text = io.StringIO()
+    _print_summary(summary, text)
+    assert text.getvalue().splitlines()[-2] == (
+        f"not padded: {cut:#x}-0x3fffffffffff ({(HUGE_END - cut) / (1 << 40):.1f} TiB): the "
+        "image ends inside this range, and `zstd -dc` gives a LiME file cut short there"
+    )
     with NativeImage(out) as img:
         assert img.ranges() == [(0x1000, 0x9FC00), (0x100000, 0x600000), (0x100000000, HUGE_END)]
         assert img.missing_ranges() == [(cut, HUGE_END)]
