@@ -724,12 +724,7 @@ class PageWalker:
             and int(page["mapping"]) == 0
             and int(page["flags"]) & lru == 0
             and int(page["compound_head"]) & 1 == 0
-            and (
-                int(page["page_type"]) >> 24
-                if self.format.type_scheme == "top-byte"
-                else int(page["page_type"]) | ~PAGE_TYPE_BASE & 0xFFFFFFFF
-            )
-            in (0xFF, 0xFFFFFFFF)
+            and _untyped(self.format, int(page["page_type"]))
         )
 
     # -- spans ----------------------------------------------------------------------------------
@@ -798,6 +793,13 @@ class PageWalker:
                     if zone.start <= pfn < zone.end:
                         return zone
         return None
+
+
+def _untyped(fmt: PageFormat, page_type: int) -> bool:
+    """Whether a page carries no page type: a free page's _mapcount is -1."""
+    if fmt.type_scheme == "top-byte":
+        return page_type >> 24 == 0xFF
+    return page_type == 0xFFFFFFFF
 
 
 def _type_is(fmt: PageFormat, page_type: np.ndarray, cls: str) -> np.ndarray | None:

@@ -154,10 +154,10 @@ def capture_guest(guest: Guest) -> Capture:
     before = snapshot(guest, witness)
     # While collect runs, its resident anonymous memory is sampled: the capture's own
     # allocations, which the page tests take out of the guest's free memory.
+    sampler = Path(__file__).with_name("sample_rss.py")
     result = guest.run(
         f"collect --profile x86_64 -o {facts}/auto.lime.zst --json & pid=$!; "
-        f"while kill -0 $pid 2>/dev/null; do grep -h ^RssAnon: /proc/$pid/status "
-        f">> {facts}/collect-rss 2>/dev/null; sleep 0.2; done; wait $pid",
+        f"python {sampler} $pid {facts}/collect-rss; wait $pid",
         timeout=600,
     )
     after = snapshot(guest, witness)
