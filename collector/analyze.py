@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from construct import ConstructError
 
-from collector.errors import CollectorError, NotApplicable
+from collector.errors import CollectorError, NotApplicable, UsageError
 from collector.hookspecs import FIELD_TYPES, Analysis, Field
 from collector.plugin_manager import PluginManager, RegisteredAnalysis
 
@@ -249,6 +249,8 @@ def _guard(registered: RegisteredAnalysis, count: int, step: Callable[[], T]) ->
         return step()
     except NotApplicable as e:
         raise NotApplicable(f"{name} does not apply to this image: {e}", e.exit_code) from None
+    except UsageError:
+        raise
     except (CollectorError, ConstructError) as e:
         # Page not captured, corrupt chunk, unmapped address, short or garbled structure.
         raise _ImageReadError(_one_line(e)) from e

@@ -759,7 +759,11 @@ class PageWalker:
         return Batch(nid, start, pages[: end - start], classes, order, head)
 
     def _has_map(self, pfn: int) -> bool:
-        return any(s <= pfn < e for s, e in self.sections)
+        """Whether ``pfn`` has a struct page to read: in a node's span and a section with a
+        memory map."""
+        return any(n.start <= pfn < n.end for n in self.nodes) and any(
+            s <= pfn < e for s, e in self.sections
+        )
 
     def head_info(self, pfn: int) -> tuple[int, int]:
         """The class and order of the compound head at ``pfn`` (outside the batch at hand)."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from collector.api import Analysis, Field, NotApplicable, Option, hookimpl
-from collector.errors import CollectorError
+from collector.errors import CollectorError, UsageError
 from collector.kernel.pages import (
     CLASSES,
     CODE,
@@ -140,23 +140,23 @@ def collector_analyses() -> list[Analysis]:
 def parse_pfn_range(text: str) -> tuple[int, int]:
     """``START[-END]`` (END exclusive; either in any base ``int(x, 0)`` reads) as a range.
 
-    :raises CollectorError: (exit 2) not a range, or an empty or huge one.
+    :raises UsageError: not a range, or an empty or huge one.
     """
     start_text, sep, end_text = text.partition("-")
     try:
         start = int(start_text, 0)
         end = int(end_text, 0) if sep else start + 1
     except ValueError:
-        raise CollectorError(f"pages: --pfn {text!r} is not START[-END]", exit_code=2) from None
+        raise UsageError(f"pages: --pfn {text!r} is not START[-END]") from None
     if not 0 <= start < end or end - start > MAX_PFN_RANGE:
-        raise CollectorError(f"pages: --pfn {text!r} is an empty or too large range", exit_code=2)
+        raise UsageError(f"pages: --pfn {text!r} is an empty or too large range")
     return start, end
 
 
 def pages(kernel: Kernel, options: dict[str, Any]) -> Iterator[dict[str, Any]]:
     view = options.get("by") or "zone"
     if view not in _VIEWS:
-        raise CollectorError(f"pages: --by must be one of {', '.join(_VIEWS)}", exit_code=2)
+        raise UsageError(f"pages: --by must be one of {', '.join(_VIEWS)}")
     pfn_range = parse_pfn_range(options["pfn"]) if options.get("pfn") is not None else None
     walker = PageWalker(kernel)
     if pfn_range is not None:

@@ -40,6 +40,8 @@ KPF = {"SLAB": 7, "BUDDY": 10, "ANON": 12, "HEAD": 15, "TAIL": 16, "PGTABLE": 26
 #: Classes that cannot change while a capture runs, and the kpageflags bit of each.
 STABLE = {"reserved": "RESERVED", "slab": "SLAB", "pagetable": "PGTABLE"}
 TOLERANCE = 0.05
+#: Page-table pages of the processes that read /proc for a snapshot (a shell, a Python).
+SNAPSHOT_PAGE_TABLES = 16
 
 
 @pytest.fixture(scope="module")
@@ -229,12 +231,14 @@ def test_stable_classes_agree_with_kpageflags(capture: Capture, kernel: Kernel) 
     for cls in ("reserved", "slab"):
         both, either = report[cls]
         assert both / either >= 0.99, (cls, report)
-    # Page tables are few (tens of pages), and the snapshots themselves move some: the page
-    # tables of the snapshot process before are freed, and the next process to start (the
-    # one after, say) takes the same pages for its own, so kpageflags shows a page table
-    # there both times while it was free when the capture read it.
+    # Page tables are few (tens of pages), and reading kpageflags moves some: the page
+    # tables of the shell and Python that take the snapshot before are freed when they
+    # exit, and those that take it after get the same pages back (the per-CPU free lists
+    # hand out the last page freed first), so kpageflags shows a page table there both
+    # times while the pages were free, or someone else's, when the capture read them. One
+    # such pair of processes has about a dozen page-table pages: the rest must agree.
     both, either = report["pagetable"]
-    assert both >= 0.9 * either, report
+    assert either - both <= SNAPSHOT_PAGE_TABLES, report
 
 
 def test_compound_and_anonymous_pages_agree_with_kpageflags(
