@@ -14,7 +14,9 @@ kernel has, never by its version string (see :class:`PageFormat`).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -676,6 +678,7 @@ class PageWalker:
 
     def __init__(self, kernel: Kernel, with_pcp: bool = True) -> None:
         self.kernel = kernel
+        self._lock = threading.Lock()
         self.format = page_format(kernel)
         self.notes = list(self.format.notes)
         self.nodes = nodes(kernel)
@@ -740,21 +743,39 @@ class PageWalker:
                     lo = step
 
     def batches(self, start: int = 0, end: int = 1 << 62) -> Iterator[Batch]:
-        """Classified pages of every span, in PFN order."""
-        for nid, lo, hi in self.spans(start, end):
-            yield self.classify_range(nid, lo, hi)
+        """Classified pages of every span, in PFN order.
+
+        The next span is read (translated, decompressed) on a second thread while this one
+        is classified: zstd and numpy let go of the GIL, so two cores both work. At most two
+        spans are held at a time.
+        """
+        spans = list(self.spans(start, end))
+        if not spans:
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="pages") as pool:
+            ahead = pool.submit(self._read_span, *spans[0][1:])
+            for i, (nid, lo, hi) in enumerate(spans):
+                pages = ahead.result()
+                if i + 1 < len(spans):
+                    ahead = pool.submit(self._read_span, *spans[i + 1][1:])
+                classes, order, head = classify(self, pages, lo, hi - lo)
+                yield Batch(nid, lo, pages[: hi - lo], classes, order, head)
 
     def read(self, start: int, count: int) -> np.ndarray:
         """``count`` struct pages from PFN ``start``, as the compact records."""
-        data = self.kernel.read_virt(
-            self.vmemmap + start * self.format.size, count * self.format.size
-        )
+        size = self.format.size
+        with self._lock:  # the image's reader is not shared between threads
+            data = self.kernel.read_virt(self.vmemmap + start * size, count * size)
         return np.frombuffer(data, dtype=self.format.dtype, count=count)
 
-    def classify_range(self, nid: int, start: int, end: int) -> Batch:
+    def _read_span(self, start: int, end: int) -> np.ndarray:
         # One page more than asked, when it exists, so that a head's second page is at hand.
         extra = 1 if self._has_map(end) else 0
-        pages = self.read(start, end - start + extra)
+        return self.read(start, end - start + extra)
+
+    def classify_range(self, nid: int, start: int, end: int) -> Batch:
+        """Read and classify the pages ``[start, end)`` of node ``nid``."""
+        pages = self._read_span(start, end)
         classes, order, head = classify(self, pages, start, end - start)
         return Batch(nid, start, pages[: end - start], classes, order, head)
 
@@ -1015,8 +1036,17 @@ def zone_slices(walker: PageWalker, batch: Batch) -> Iterator[tuple[int, int, in
         yield -1, pos, n
 
 
-def count_pages(walker: PageWalker, batches: Iterator[Batch] | None = None) -> PageCounts:
-    """Count the classes, flag combinations, slab caches and free blocks of every page."""
+#: What :func:`count_pages` can count.
+COUNTS = frozenset({"zones", "flags", "slab-caches", "buddy"})
+
+
+def count_pages(
+    walker: PageWalker,
+    batches: Iterator[Batch] | None = None,
+    what: frozenset[str] | set[str] = COUNTS,
+) -> PageCounts:
+    """Count the classes per zone, and (as ``what`` asks) flag combinations, slab caches and
+    free blocks per order, of every page."""
     counts = PageCounts()
     fmt = walker.format
     nclasses = len(CLASSES)
@@ -1030,16 +1060,17 @@ def count_pages(walker: PageWalker, batches: Iterator[Batch] | None = None) -> P
             got = np.bincount(classes, minlength=nclasses)
             have = counts.by_zone.get(key)
             counts.by_zone[key] = got if have is None else have + got
-            buddy = np.nonzero(classes == CODE["buddy"])[0]
+            buddy = np.nonzero(classes == CODE["buddy"])[0] if "buddy" in what else ()
             if len(buddy):
                 orders = np.bincount(batch.order[lo:hi][buddy], minlength=fmt.max_order + 1)
                 have = counts.buddy_heads.get(key)
                 counts.buddy_heads[key] = orders if have is None else have + orders
-        real = batch.classes != hole_code
-        values, n = np.unique(batch.pages["flags"][real] & mask, return_counts=True)
-        for v, c in zip(values.tolist(), n.tolist(), strict=True):
-            counts.flags[v] = counts.flags.get(v, 0) + c
-        if "slab_cache" in batch.pages.dtype.names:
+        if "flags" in what:
+            real = batch.classes != hole_code
+            values, n = np.unique(batch.pages["flags"][real] & mask, return_counts=True)
+            for v, c in zip(values.tolist(), n.tolist(), strict=True):
+                counts.flags[v] = counts.flags.get(v, 0) + c
+        if "slab-caches" in what and "slab_cache" in batch.pages.dtype.names:
             heads = np.nonzero((batch.classes == slab_code) & (batch.head < 0))[0]
             if len(heads):
                 caches = batch.pages["slab_cache"][heads]

@@ -163,13 +163,15 @@ def pages(kernel: Kernel, options: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from per_pfn(walker, *pfn_range)
         return
     page_size = kernel.memory.page_size or 4096
+    what = {"zone": {"zones"}, "flags": {"flags"}, "slab-cache": {"slab-caches"}}.get(
+        view, {"zones"}
+    )
+    batches = walker.batches()
     if options.get("map"):
         from collector.plugins.pagemap import draw_map
 
-        batches = draw_map(walker, options["map"])
-        counts = count_pages(walker, batches)
-    else:
-        counts = count_pages(walker)
+        batches = draw_map(walker, options["map"], batches)
+    counts = count_pages(walker, batches, what)
     if view == "zone":
         yield from by_zone(walker, counts, page_size)
     elif view == "flags":

@@ -21,6 +21,7 @@ from collector.testing.kernel import SyntheticKernel
 
 ERAS = ("6.1", "6.10", "6.12", "6.18")
 PAGE = 4096
+HUGE = 2 << 20
 #: The non-KASLR vmemmap_base of 4-level paging (arch/x86/include/asm/pgtable_64_types.h).
 VMEMMAP_START = 0xFFFFEA0000000000
 SECTION_SIZE_BITS = 27
@@ -138,6 +139,8 @@ class MemoryMap:
 
     :param zones: ``(name, start, end)`` of each zone, PFNs.
     :param holes: PFNs with a struct page but no RAM in the image.
+    :param ram: give the node's pages contents (False for large maps whose RAM the image
+        only names in its ranges: benchmarks).
     """
 
     def __init__(
@@ -148,6 +151,7 @@ class MemoryMap:
         zones: tuple[tuple[str, int, int], ...] | None = None,
         holes: tuple[int, ...] = (),
         cpus: int = 1,
+        ram: bool = True,
     ) -> None:
         if era not in ERAS:
             raise ValueError(f"era {era!r}: one of {ERAS}")
@@ -158,17 +162,21 @@ class MemoryMap:
         half = start + count // 2
         self.zones = zones or (("DMA32", start, half), ("Normal", half, start + count))
         # RAM: every page of the node but the holes (the image's ranges say which).
-        for pfn in range(start, start + count):
-            if pfn not in holes:
-                sk._page(pfn * PAGE)
-        # The memory map: struct pages in pages of their own, mapped at the vmemmap.
+        if ram:
+            for pfn in range(start, start + count):
+                if pfn not in holes:
+                    sk._page(pfn * PAGE)
+        # The memory map: struct pages in pages of their own, mapped at the vmemmap (in
+        # 2 MiB pages, as the kernel maps it, when it is that large).
         first = start * self.size // PAGE * PAGE
         last = -(-(start + count) * self.size // PAGE) * PAGE
         self._map_phys: dict[int, int] = {}
-        for offset in range(first, last, PAGE):
-            paddr = sk.virt_to_phys(sk.alloc_page())
-            sk.tables.map(VMEMMAP_START + offset, paddr)
-            self._map_phys[offset] = paddr
+        step = HUGE if first % HUGE == 0 and last - first >= HUGE else PAGE
+        for offset in range(first, last, step):
+            paddr = sk.virt_to_phys(sk.alloc(step, step))
+            sk.tables.map(VMEMMAP_START + offset, paddr, step)
+            for sub in range(0, step, PAGE):
+                self._map_phys[offset + sub] = paddr + sub
         self._vmcoreinfo()
         self._percpu(cpus)
         self._node()
@@ -191,6 +199,27 @@ class MemoryMap:
         if "flags" in paths and self.era == "6.18":
             paths["flags.f"] = paths.pop("flags")
         self.sk.fill(self.page(pfn), "struct page", paths)
+
+    def array(self, pfn: int, count: int) -> bytes:
+        """The raw struct pages of ``count`` PFNs from ``pfn``."""
+        out = bytearray()
+        pos, end = pfn * self.size, (pfn + count) * self.size
+        while pos < end:
+            n = min(end - pos, PAGE - pos % PAGE)
+            base = self.sk.page_offset + self._map_phys[pos - pos % PAGE]
+            out += self.sk.read(base + pos % PAGE, n)
+            pos += n
+        return bytes(out)
+
+    def write_array(self, pfn: int, data: bytes) -> None:
+        """Write raw struct pages from ``pfn`` on (a bulk copy for benchmarks)."""
+        pos = 0
+        while pos < len(data):
+            at = pfn * self.size + pos
+            n = min(len(data) - pos, PAGE - at % PAGE)
+            base = self.sk.page_offset + self._map_phys[at - at % PAGE]
+            self.sk.write(base + at % PAGE, data[pos : pos + n])
+            pos += n
 
     def bit(self, name: str) -> int:
         return 1 << dict(self.sk.layout.type("enum pageflags").enumerators)[name]
