@@ -158,6 +158,10 @@ def pages(kernel: Kernel, options: dict[str, Any]) -> Iterator[dict[str, Any]]:
     if view not in _VIEWS:
         raise UsageError(f"pages: --by must be one of {', '.join(_VIEWS)}")
     pfn_range = parse_pfn_range(options["pfn"]) if options.get("pfn") is not None else None
+    if options.get("map"):
+        from collector.plugins.pages.pagemap import check_map_path
+
+        check_map_path(options["map"])
     walker = PageWalker(kernel)
     if pfn_range is not None:
         yield from per_pfn(walker, *pfn_range)
@@ -168,7 +172,7 @@ def pages(kernel: Kernel, options: dict[str, Any]) -> Iterator[dict[str, Any]]:
     )
     batches = walker.batches()
     if options.get("map"):
-        from collector.plugins.pagemap import draw_map
+        from collector.plugins.pages.pagemap import draw_map
 
         batches = draw_map(walker, options["map"], batches)
     counts = count_pages(walker, batches, what)
