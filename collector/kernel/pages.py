@@ -139,6 +139,8 @@ class PageFormat:
     source: str  # "BTF" or "VMCOREINFO"
     needs_btf: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
+    #: Classes this image cannot show (their pages fall to another class), and why.
+    unavailable: dict[str, str] = field(default_factory=dict)
 
     def flag(self, name: str) -> int:
         """The mask of ``PG_name``, or 0 when this kernel has no such flag."""
@@ -236,6 +238,7 @@ def page_format(kernel: Kernel) -> PageFormat:
         btf = None
     notes: list[str] = []
     needs_btf: list[str] = []
+    unavailable: dict[str, str] = {}
     if btf is not None:
         full = dtype_for(kernel.struct("page"))
         source = "BTF"
@@ -292,6 +295,8 @@ def page_format(kernel: Kernel) -> PageFormat:
             take("slab_cache", "slab_cache", need=False)
     else:
         needs_btf.append("slab caches by name (struct slab)")
+        needs_btf.append("zones (struct zone) and the per-CPU free lists")
+        unavailable["pcp"] = "the per-CPU free lists are read through BTF"
     dtype = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": size})
 
     # PG_* bit numbers: enum pageflags in BTF, else VMCOREINFO's NUMBER(PG_*).
@@ -317,9 +322,11 @@ def page_format(kernel: Kernel) -> PageFormat:
         nr_pageflags = max(flag_bits.values(), default=0) + 1
     if "PG_reserved" not in flag_bits:
         needs_btf.append("reserved (PG_reserved)")
-    for flag in ("PG_dirty", "PG_writeback"):
+        unavailable["reserved"] = "PG_reserved is known from BTF only"
+    for cls, flag in (("file-dirty", "PG_dirty"), ("file-writeback", "PG_writeback")):
         if flag not in flag_bits:
-            needs_btf.append(f"file-dirty and file-writeback ({flag})")
+            needs_btf.append(f"{cls} ({flag})")
+            unavailable[cls] = f"{flag} is known from BTF only"
 
     # Page types. v6.12 "mm: page_type: one type per page" keeps one type in the top byte of
     # page_type (enum pagetype's PGTY_*); before, each type was a cleared bit under
@@ -336,8 +343,22 @@ def page_format(kernel: Kernel) -> PageFormat:
         "unaccepted": "unaccepted",
         "large-kmalloc": "large_kmalloc",
     }
-    if enum("pagetype", "PGTY_buddy") is not None:
+    # Without BTF, VMCOREINFO's PAGE_BUDDY_MAPCOUNT_VALUE tells the two apart: 6.12 exports
+    # PGTY_buddy << 24 (0xf0000000), earlier kernels ~PG_buddy (-129).
+    buddy_value = vi.number("PAGE_BUDDY_MAPCOUNT_VALUE")
+    top_byte_values = buddy_value is not None and buddy_value & 0xFFFFFF == 0
+    if enum("pagetype", "PGTY_buddy") is not None or (btf is None and top_byte_values):
         scheme = "top-byte"
+        for cls, vname in (
+            ("buddy", "PAGE_BUDDY_MAPCOUNT_VALUE"),
+            ("offline", "PAGE_OFFLINE_MAPCOUNT_VALUE"),
+            ("hugetlb", "PAGE_HUGETLB_MAPCOUNT_VALUE"),
+            ("slab", "PAGE_SLAB_MAPCOUNT_VALUE"),
+            ("unaccepted", "PAGE_UNACCEPTED_MAPCOUNT_VALUE"),
+        ):
+            value = vi.number(vname)
+            if value is not None and value & 0xFFFFFF == 0:
+                types[cls] = (value & 0xFFFFFFFF) >> 24
         for cls, kname in type_names.items():
             value = enum("pagetype", f"PGTY_{kname}")
             if value is not None:
@@ -372,6 +393,7 @@ def page_format(kernel: Kernel) -> PageFormat:
         raise NotApplicable("neither BTF nor VMCOREINFO gives the buddy page type")
     if "pagetable" not in types:
         needs_btf.append("pagetable (PG_table)")
+        unavailable["pagetable"] = "the page-table type is known from BTF only"
 
     # Slab: PG_slab until v6.10 "mm: Remove PG_slab" (46df8e73a4a3 era) made it a page type.
     if "PG_slab" in flag_bits:
@@ -381,6 +403,7 @@ def page_format(kernel: Kernel) -> PageFormat:
     else:
         slab_by = ""
         needs_btf.append("slab")
+        unavailable["slab"] = "neither PG_slab nor the slab type is known"
 
     # Hugetlb: compound_dtor == HUGETLB_PAGE_DTOR in the second page before 6.6; PG_hugetlb
     # on the folio's second page from 6.6 ("hugetlb: convert to folio_test_hugetlb via
@@ -398,6 +421,7 @@ def page_format(kernel: Kernel) -> PageFormat:
         hugetlb_by = "flag"
     if not hugetlb_by:
         needs_btf.append("hugetlb")
+        unavailable["hugetlb"] = "the hugetlb mark is known from BTF only"
 
     # Compound order: page[1].compound_order before 6.6; the low byte of the folio's
     # _flags_1 (page[1].flags) from v6.6 ("mm: free up a word in the first tail page").
@@ -427,6 +451,7 @@ def page_format(kernel: Kernel) -> PageFormat:
         nr_pageflags=nr_pageflags,
         source=source,
         needs_btf=tuple(dict.fromkeys(needs_btf)),
+        unavailable=unavailable,
         notes=notes,
     )
 

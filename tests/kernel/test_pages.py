@@ -283,6 +283,13 @@ def test_without_btf_vmcoreinfo_offsets_still_classify() -> None:
         "pagetable (PG_table)",
         "slab caches by name (struct slab)",
     }
+    assert set(walker.format.unavailable) == {
+        "reserved",
+        "pagetable",
+        "file-dirty",
+        "file-writeback",
+        "pcp",
+    }
     assert "per-CPU lists not walked: they need BTF" in walker.notes
     assert walker.nodes[0].zones == []
     # Without PG_reserved, PG_dirty, PG_writeback, the table type and the per-CPU lists:
@@ -296,6 +303,13 @@ def test_without_btf_vmcoreinfo_offsets_still_classify() -> None:
         START + 49: "zero-refcount",
     }
     assert got == {**want, **fallback}
+    summary = {
+        r["key"]: r
+        for r in analyze_kernel(m.kernel(), "pages", {"by": "summary"}, manager=manager()).records
+    }
+    assert summary["reserved"]["note"] == "reserved: PG_reserved is known from BTF only"
+    assert summary["pcp"]["note"] == "pcp: the per-CPU free lists are read through BTF"
+    assert summary["slab"]["note"] is None and summary["slab"]["pages"] == 9
 
 
 def test_a_hostile_order_or_head_is_not_believed() -> None:

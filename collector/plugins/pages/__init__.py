@@ -54,6 +54,7 @@ _FIELDS = (
     Field("pages", "int", "pages counted"),
     Field("bytes", "int", "their size in bytes"),
     Field("meminfo", "str", "summary: the /proc/meminfo line the count corresponds to"),
+    Field("note", "str", "summary: why a count is not complete (a class needing BTF)"),
     Field("flags", "hex", "page->flags without the node and zone bits"),
     Field("flag_names", "str", "those flags by name (PG_ dropped)"),
     Field("refcount", "int", "page->_refcount"),
@@ -68,7 +69,7 @@ _VIEW_FIELDS = {
     "zone": ("node", "zone", "class", "pages", "bytes"),
     "flags": ("flags", "flag_names", "pages", "bytes"),
     "slab-cache": ("cache", "slabs", "pages", "bytes"),
-    "summary": ("key", "pages", "bytes", "meminfo"),
+    "summary": ("key", "pages", "bytes", "meminfo", "note"),
     "pfn": (
         "pfn",
         "page",
@@ -253,12 +254,22 @@ SUMMARY = (
 
 def summary(walker: PageWalker, counts: PageCounts, page_size: int) -> Iterator[dict[str, Any]]:
     total = sum((c for c in counts.by_zone.values()), np.zeros(len(CLASSES), dtype=np.int64))
+    unavailable = dict(walker.format.unavailable)
+    if not walker.pcp_counted and "pcp" not in unavailable:
+        unavailable["pcp"] = "the per-CPU free lists were not walked"
     for key, classes, meminfo in SUMMARY:
         if classes is None:
             n = int(total.sum() - total[CODE["hole"]])
         else:
             n = int(sum(total[CODE[c]] for c in classes))
-        yield {"key": key, "pages": n, "bytes": n * page_size, "meminfo": meminfo}
+        missing = [f"{c}: {unavailable[c]}" for c in classes or () if c in unavailable]
+        yield {
+            "key": key,
+            "pages": n,
+            "bytes": n * page_size,
+            "meminfo": meminfo,
+            "note": "; ".join(missing) or None,
+        }
 
 
 def per_pfn(walker: PageWalker, start: int, end: int) -> Iterator[dict[str, Any]]:

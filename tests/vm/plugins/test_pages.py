@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 
 import numpy as np
@@ -372,6 +373,57 @@ def test_buddyinfo_agrees_with_proc_buddyinfo(capture: Capture) -> None:
     for zone, (by_nr_free, by_heads) in pages.items():
         print(f"{zone}: free pages by nr_free {by_nr_free}, by buddy heads {by_heads}")
         assert abs(by_heads - by_nr_free) <= TOLERANCE * by_nr_free, zone
+
+
+# -- without BTF -----------------------------------------------------------------------------------
+
+
+class WithoutBTF:
+    """The capture as an image from another tool would be: no BTF blob."""
+
+    def __init__(self, memory: object) -> None:
+        self._memory = memory
+        self.page_size = memory.page_size  # type: ignore[attr-defined]
+        self.metadata = memory.metadata  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._memory, name)
+
+    def blob(self, name: str) -> bytes | None:
+        return None if name == "btf" else self._memory.blob(name)  # type: ignore[attr-defined]
+
+
+def test_without_btf_vmcoreinfo_classifies_all_but_what_needs_btf(
+    capture: Capture, kernel: Kernel
+) -> None:
+    """VMCOREINFO's offsets, PG_* numbers and MAPCOUNT values classify every page the same
+    as BTF does, but for the classes the walker says need BTF, which fall back as stated."""
+    _, with_btf, _ = walk(capture, kernel)
+    walker = PageWalker(Kernel(WithoutBTF(kernel.memory)))
+    assert walker.format.source == "VMCOREINFO"
+    assert set(walker.format.unavailable) == {
+        "reserved",
+        "pagetable",
+        "file-dirty",
+        "file-writeback",
+        "pcp",
+    }
+    fallback = {
+        "reserved": "other",
+        "pagetable": "other",
+        "file-dirty": "file",
+        "pcp": "zero-refcount",
+    }
+    fallback["file-writeback"] = "file"
+    differ = Counter()
+    for batch in walker.batches():
+        ours = batch.classes
+        theirs = with_btf[batch.start : batch.start + len(ours)]
+        for a, b in zip(theirs.tolist(), ours.tolist(), strict=True):
+            if a != b:
+                differ[(CLASSES[a], CLASSES[b])] += 1
+    print(f"classes that differ without BTF: {dict(differ)}")
+    assert set(differ) <= set(fallback.items())
 
 
 # -- per-PFN records --------------------------------------------------------------------------------
