@@ -173,9 +173,32 @@ def within(value: float, low: float, high: float) -> bool:
 # -- the memory map --------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def la57_kernel(la57_capture: Capture) -> Iterator[Kernel]:
+    memory = open_image(la57_capture.image)
+    try:
+        yield Kernel(memory)
+    finally:
+        memory.close()
+
+
 def test_every_page_of_system_ram_is_counted_once_per_zone(
     capture: Capture, kernel: Kernel
 ) -> None:
+    check_system_ram(capture, kernel)
+
+
+def test_stable_classes_agree_with_kpageflags(capture: Capture, kernel: Kernel) -> None:
+    check_stable_classes(capture, kernel)
+
+
+def test_five_level_paging(la57_capture: Capture, la57_kernel: Kernel) -> None:
+    """The same on Debian 6.12 with 5-level paging (its vmemmap and page tables differ)."""
+    check_system_ram(la57_capture, la57_kernel)
+    check_stable_classes(la57_capture, la57_kernel)
+
+
+def check_system_ram(capture: Capture, kernel: Kernel) -> None:
     walker, classes, counts = walk(capture, kernel)
     ram = ram_pfns(capture, len(classes))
     # Every System RAM page has a class; pages outside it that have a struct page are holes.
@@ -197,7 +220,7 @@ def test_every_page_of_system_ram_is_counted_once_per_zone(
             assert present == want["present"], zone.name
 
 
-def test_stable_classes_agree_with_kpageflags(capture: Capture, kernel: Kernel) -> None:
+def check_stable_classes(capture: Capture, kernel: Kernel) -> None:
     """Reserved, slab and page-table pages against KPF_RESERVED, KPF_SLAB and KPF_PGTABLE,
     over System RAM pages whose bit did not change during the capture and that were in use
     throughout."""
