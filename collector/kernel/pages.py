@@ -774,15 +774,18 @@ class PageWalker:
         is classified: zstd and numpy let go of the GIL, so two cores both work. At most two
         spans are held at a time.
         """
-        spans = list(self.spans(start, end))
-        if not spans:
+        spans = self.spans(start, end)
+        current = next(spans, None)
+        if current is None:
             return
         with ThreadPoolExecutor(1, thread_name_prefix="pages") as pool:
-            ahead = pool.submit(self._read_span, *spans[0][1:])
-            for i, (nid, lo, hi) in enumerate(spans):
+            ahead = pool.submit(self._read_span, *current[1:])
+            while current is not None:
+                nid, lo, hi = current
                 pages = ahead.result()
-                if i + 1 < len(spans):
-                    ahead = pool.submit(self._read_span, *spans[i + 1][1:])
+                current = next(spans, None)
+                if current is not None:
+                    ahead = pool.submit(self._read_span, *current[1:])
                 classes, order, head = classify(self, pages, lo, hi - lo)
                 yield Batch(nid, lo, pages[: hi - lo], classes, order, head)
 
