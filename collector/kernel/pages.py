@@ -269,7 +269,7 @@ def page_format(kernel: Kernel) -> PageFormat:
         offsets.append(at)
         return True
 
-    # v6.18 "mm: introduce memdesc_flags_t" (53fbef56e07d) wrapped page->flags as flags.f.
+    # v6.18 wrapped page->flags in memdesc_flags_t (53fbef56e07d): the value is flags.f.
     take("flags", "flags.f", "flags")
     take("refcount", "_refcount.counter", "_refcount")
     # page_type shares its word with _mapcount (a union, both named, since 4.18).
@@ -282,9 +282,8 @@ def page_format(kernel: Kernel) -> PageFormat:
     has_order_member = take("compound_order", "compound_order", need=False)
     has_dtor = take("compound_dtor", "compound_dtor", need=False)
     if btf is not None:
-        # 5.17 "mm: Split slab into its own type" (d122019bf061) moved slab_cache to struct
-        # slab, which overlays struct page; before that it was a member of struct page.
-        slab_full = None
+        # 5.17 split struct slab out of struct page (d122019bf061): slab_cache is a member of
+        # struct slab, which overlays struct page; before that it was one of struct page.
         if btf.has_member("slab", "slab_cache"):
             slab_full = dtype_for(kernel.struct("slab"))
             at, sub = _dtype_field(slab_full, "slab_cache")
@@ -328,7 +327,7 @@ def page_format(kernel: Kernel) -> PageFormat:
             needs_btf.append(f"{cls} ({flag})")
             unavailable[cls] = f"{flag} is known from BTF only"
 
-    # Page types. v6.12 "mm: page_type: one type per page" keeps one type in the top byte of
+    # Page types. From v6.12 a page has at most one type, kept in the top byte of
     # page_type (enum pagetype's PGTY_*); before, each type was a cleared bit under
     # PAGE_TYPE_BASE 0xf0000000 in _mapcount (-1 when untyped), enum pagetype from 6.10.
     types: dict[str, int] = {}
@@ -381,7 +380,7 @@ def page_format(kernel: Kernel) -> PageFormat:
                 types[cls] = ~value & 0xFFFFFFFF & ~PAGE_TYPE_BASE
         # PageTable and PageGuard are #defines VMCOREINFO does not export. PG_kmemcg (0x200)
         # went in 5.9 and PG_table moved from 0x400 to 0x200, PG_guard from 0x800 to 0x400;
-        # page.memcg_data (5.11, "mm: memcontrol: Use helpers to read page's memcg data")
+        # page.memcg_data (it replaced mem_cgroup in 5.11)
         # proves a kernel after that move.
         later = btf is not None and btf.has_member("page", "memcg_data")
         if later and types.get("buddy") == 0x80 and types.get("offline") == 0x100:
@@ -395,7 +394,7 @@ def page_format(kernel: Kernel) -> PageFormat:
         needs_btf.append("pagetable (PG_table)")
         unavailable["pagetable"] = "the page-table type is known from BTF only"
 
-    # Slab: PG_slab until v6.10 "mm: Remove PG_slab" (46df8e73a4a3 era) made it a page type.
+    # Slab: PG_slab until v6.10 made slab a page type and dropped the flag (46df8e73a4a3).
     if "PG_slab" in flag_bits:
         slab_by = "flag"
     elif "slab" in types:
@@ -406,8 +405,8 @@ def page_format(kernel: Kernel) -> PageFormat:
         unavailable["slab"] = "neither PG_slab nor the slab type is known"
 
     # Hugetlb: compound_dtor == HUGETLB_PAGE_DTOR in the second page before 6.6; PG_hugetlb
-    # on the folio's second page from 6.6 ("hugetlb: convert to folio_test_hugetlb via
-    # PG_hugetlb"); a page type from v6.9 (d99e3140a4d3).
+    # (PG_hugetlb = PG_active in enum pageflags) on the folio's second page from 6.6; a page
+    # type from v6.9 ("mm: turn folio_test_hugetlb into a PageType", d99e3140a4d3).
     hugetlb_by, hugetlb_value = "", 0
     if "hugetlb" in types:
         hugetlb_by = "type"
@@ -424,7 +423,7 @@ def page_format(kernel: Kernel) -> PageFormat:
         unavailable["hugetlb"] = "the hugetlb mark is known from BTF only"
 
     # Compound order: page[1].compound_order before 6.6; the low byte of the folio's
-    # _flags_1 (page[1].flags) from v6.6 ("mm: free up a word in the first tail page").
+    # _flags_1 (page[1].flags) from v6.6, when the first tail page's fields were repacked.
     order_by = "member" if has_order_member else "flags_1"
 
     # MAX_ORDER: free_area has MAX_ORDER (later NR_PAGE_ORDERS) entries.

@@ -8,9 +8,10 @@ BTF is compiled from, so the walker reads them back through the construct defini
 BTF gives, never through offsets written twice.
 
 Eras: ``"6.1"`` (PG_slab, page types as inverted bits in _mapcount, compound_dtor and
-compound_order in the second page), ``"6.10"`` (enum pagetype of inverted bits: slab and
-hugetlb are types; the order in the second page's flags), ``"6.12"`` (one type in the top
-byte of page_type) and ``"6.18"`` (page->flags a memdesc_flags_t; large_kmalloc a type).
+compound_order in the second page), ``"6.6"`` (the order in the second page's flags,
+PG_hugetlb on it), ``"6.9"`` (hugetlb a page type, still a #define), ``"6.10"`` (enum
+pagetype of inverted bits: slab a type too), ``"6.12"`` (one type in the top byte of
+page_type) and ``"6.18"`` (page->flags a memdesc_flags_t; large_kmalloc a type).
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ import struct
 
 from collector.testing.kernel import SyntheticKernel
 
-ERAS = ("6.1", "6.10", "6.12", "6.18")
+ERAS = ("6.1", "6.6", "6.9", "6.10", "6.12", "6.18")
+#: Eras whose page types are #defines (no enum pagetype), marked as inverted bits.
+_DEFINED_TYPES = {
+    "6.1": {"buddy": 0x80, "offline": 0x100, "table": 0x200, "guard": 0x400},
+    "6.6": {"buddy": 0x80, "offline": 0x100, "table": 0x200, "guard": 0x400},
+    "6.9": {"buddy": 0x80, "offline": 0x100, "table": 0x200, "guard": 0x400, "hugetlb": 0x800},
+}
 PAGE = 4096
 HUGE = 2 << 20
 #: The non-KASLR vmemmap_base of 4-level paging (arch/x86/include/asm/pgtable_64_types.h).
@@ -88,6 +95,11 @@ enum compound_dtor_id { NULL_COMPOUND_DTOR, COMPOUND_PAGE_DTOR, HUGETLB_PAGE_DTO
     TRANSHUGE_PAGE_DTOR, NR_COMPOUND_DTORS };
 """
 
+#: 6.6 to 6.9: the later numbering, with PG_slab still a flag; 6.6 to 6.8 also mark hugetlb
+#: folios with PG_hugetlb (sharing PG_active's bit) on their second page.
+_FLAGS_MID = _FLAGS_LATER.replace("__NR_PAGEFLAGS = 21", "PG_slab = 21, __NR_PAGEFLAGS = 22")
+_FLAGS_6_6 = _FLAGS_MID.replace("PG_swapcache = 10", "PG_swapcache = 10, PG_hugetlb = 8")
+
 _PAGE_LATER = """
 struct page {
     FLAGS_TYPE flags;
@@ -129,9 +141,9 @@ def declarations(era: str) -> str:
         return _COMMON + _FLAGS_6_1 + _PAGE_6_1
     flags_type = "memdesc_flags_t" if era == "6.18" else "unsigned long"
     extra = "typedef struct { unsigned long f; } memdesc_flags_t;\n" if era == "6.18" else ""
-    return (
-        _COMMON + extra + _FLAGS_LATER + _PAGE_LATER.replace("FLAGS_TYPE", flags_type) + _TYPES[era]
-    )
+    flags = {"6.6": _FLAGS_6_6, "6.9": _FLAGS_MID}.get(era, _FLAGS_LATER)
+    page = _PAGE_LATER.replace("FLAGS_TYPE", flags_type)
+    return _COMMON + extra + flags + page + _TYPES.get(era, "")
 
 
 class MemoryMap:
@@ -226,17 +238,16 @@ class MemoryMap:
 
     def _type_word(self, kind: str) -> int:
         """The page_type value that marks ``kind`` (buddy, table, slab...) in this era."""
-        if self.era == "6.1":
-            bits = {"buddy": 0x80, "offline": 0x100, "table": 0x200, "guard": 0x400}
-            return 0xFFFFFFFF & ~bits[kind]
+        if self.era in _DEFINED_TYPES:
+            return 0xFFFFFFFF & ~_DEFINED_TYPES[self.era][kind]
         enum = dict(self.sk.layout.type("enum pagetype").enumerators)
         if self.era == "6.10":
             return 0xFFFFFFFF & ~enum[f"PG_{kind}"]
         return enum[f"PGTY_{kind}"] << 24
 
     def has_type(self, kind: str) -> bool:
-        if self.era == "6.1":
-            return kind in ("buddy", "offline", "table", "guard")
+        if self.era in _DEFINED_TYPES:
+            return kind in _DEFINED_TYPES[self.era]
         enum = dict(self.sk.layout.type("enum pagetype").enumerators)
         return f"PG_{kind}" in enum or f"PGTY_{kind}" in enum
 
@@ -273,6 +284,8 @@ class MemoryMap:
         self.compound(pfn, order)
         if self.era == "6.1":
             self.set(pfn + 1, compound_dtor=2)  # HUGETLB_PAGE_DTOR
+        elif self.era == "6.6":
+            self.set(pfn + 1, flags=order | self.bit("PG_hugetlb"))
         else:
             self.set(pfn, page_type=self._type_word("hugetlb"))
 
@@ -292,7 +305,7 @@ class MemoryMap:
             self.in_use(pfn)
         at = self.sk.offsetof("struct slab", "slab_cache")
         self.sk.write_u64(self.page(pfn) + at, self.kmem_cache(cache))
-        if self.era == "6.1":
+        if self.era in ("6.1", "6.6", "6.9"):
             flags = self.bit("PG_slab") | (self.bit("PG_head") if order else 0)
             self.set(pfn, flags=flags)
         else:
@@ -314,12 +327,15 @@ class MemoryMap:
             f"SIZE(page)={self.size}",
             "LENGTH(zone.free_area)=11",
         ]
-        if self.era == "6.1":
+        if self.era in _DEFINED_TYPES:
             sk.vmcoreinfo_extra += [
                 "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)=-129",
                 "NUMBER(PAGE_OFFLINE_MAPCOUNT_VALUE)=-257",
-                "NUMBER(HUGETLB_PAGE_DTOR)=2",
             ]
+        if self.era == "6.1":
+            sk.vmcoreinfo_extra.append("NUMBER(HUGETLB_PAGE_DTOR)=2")
+        if self.era == "6.9":
+            sk.vmcoreinfo_extra.append("NUMBER(PAGE_HUGETLB_MAPCOUNT_VALUE)=-2049")
         elif self.era == "6.10":
             sk.vmcoreinfo_extra += [
                 "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)=-129",

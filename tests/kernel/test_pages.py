@@ -173,8 +173,8 @@ def test_the_layout_is_told_apart_by_what_the_kernel_has(era: str) -> None:
     m, _ = build(era)
     fmt = page_format(m.kernel())
     assert fmt.type_scheme == ("top-byte" if era in ("6.12", "6.18") else "inverted")
-    assert fmt.slab_by == ("flag" if era == "6.1" else "type")
-    assert fmt.hugetlb_by == ("dtor" if era == "6.1" else "type")
+    assert fmt.slab_by == ("flag" if era in ("6.1", "6.6", "6.9") else "type")
+    assert fmt.hugetlb_by == {"6.1": "dtor", "6.6": "flag"}.get(era, "type")
     assert fmt.order_by == ("member" if era == "6.1" else "flags_1")
     assert fmt.flag_bits["PG_head"] == (16 if era == "6.1" else 6)
     assert fmt.max_order == 10
