@@ -25,6 +25,7 @@ import numpy as np
 
 from collector.errors import BrokenStructure, CollectorError, ImageError, NotApplicable
 from collector.kernel.bulk import dtype_for
+from collector.memory import PageNotCaptured
 
 if TYPE_CHECKING:
     from collector.kernel.kernel import Kernel
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 #: wins). ``hole`` is a page with a struct page but no RAM behind it in the image's ranges.
 CLASSES: tuple[str, ...] = (
     "hole",
+    "uncaptured",
     "hwpoison",
     "buddy",
     "buddy-tail",
@@ -62,6 +64,7 @@ CODE = {name: i for i, name in enumerate(CLASSES)}
 #: What each class means, for documentation and ``--help``.
 DESCRIPTIONS = {
     "hole": "a struct page with no RAM behind it (outside the image's System RAM ranges)",
+    "uncaptured": "its struct page is not in the image (that part of the memory map was not read)",
     "hwpoison": "PG_hwpoison: memory the kernel found broken",
     "buddy": "the first page of a free block in the buddy allocator (PageBuddy), order in private",
     "buddy-tail": "the other pages of a free buddy block",
@@ -88,6 +91,8 @@ DESCRIPTIONS = {
 #: Classes whose pages are free memory.
 FREE_CLASSES = ("buddy", "buddy-tail", "pcp")
 
+#: The size of a page of the memory map itself (x86_64).
+PAGE_SIZE = 4096
 #: The most pages read and classified in one go: a 128 MiB section of 4 KiB pages.
 MAX_BATCH = 1 << 15
 #: A compound page larger than this (2^18 pages, 1 GiB) is not believed.
@@ -744,7 +749,10 @@ class PageWalker:
         references, no mapping, no type, not on an LRU list, not part of a compound page."""
         if not self._has_map(pfn):
             return False
-        (page,) = self.read(pfn, 1)
+        try:
+            (page,) = self.read(pfn, 1)
+        except (PageNotCaptured, ImageError):
+            return False
         lru = self.format.flag("PG_lru") | self.format.flag("PG_head")
         return (
             int(page["refcount"]) == 0
@@ -781,11 +789,11 @@ class PageWalker:
             ahead = pool.submit(self._read_span, *current[1:])
             while current is not None:
                 nid, lo, hi = current
-                pages = ahead.result()
+                pages, lost = ahead.result()
                 current = next(spans, None)
                 if current is not None:
                     ahead = pool.submit(self._read_span, *current[1:])
-                classes, order, head = classify(self, pages, lo, hi - lo)
+                classes, order, head = classify(self, pages, lo, hi - lo, lost=lost)
                 yield Batch(nid, lo, pages[: hi - lo], classes, order, head)
 
     def read(self, start: int, count: int) -> np.ndarray:
@@ -795,15 +803,38 @@ class PageWalker:
             data = self.kernel.read_virt(self.vmemmap + start * size, count * size)
         return np.frombuffer(data, dtype=self.format.dtype, count=count)
 
-    def _read_span(self, start: int, end: int) -> np.ndarray:
-        # One page more than asked, when it exists, so that a head's second page is at hand.
+    def _read_span(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The struct pages of ``[start, end)`` and one more when it exists (a head's second
+        page); and which of them the image lacks (None: it has them all)."""
         extra = 1 if self._has_map(end) else 0
-        return self.read(start, end - start + extra)
+        count = end - start + extra
+        try:
+            return self.read(start, count), None
+        except (PageNotCaptured, ImageError):
+            pass
+        # Part of this memory map was not captured (or is not mapped): read it a page at a
+        # time, and the struct pages in the missing pages are "uncaptured", never guessed.
+        size = self.format.size
+        vaddr = self.vmemmap + start * size
+        total = count * size
+        data = bytearray(total)
+        lost = np.zeros(total, dtype=bool)
+        pos = 0
+        while pos < total:
+            n = min(total - pos, PAGE_SIZE - (vaddr + pos) % PAGE_SIZE)
+            try:
+                with self._lock:
+                    data[pos : pos + n] = self.kernel.read_virt(vaddr + pos, n)
+            except (PageNotCaptured, ImageError):
+                lost[pos : pos + n] = True
+            pos += n
+        pages = np.frombuffer(bytes(data), dtype=self.format.dtype, count=count)
+        return pages, lost.reshape(count, size).any(axis=1)
 
     def classify_range(self, nid: int, start: int, end: int) -> Batch:
         """Read and classify the pages ``[start, end)`` of node ``nid``."""
-        pages = self._read_span(start, end)
-        classes, order, head = classify(self, pages, start, end - start)
+        pages, lost = self._read_span(start, end)
+        classes, order, head = classify(self, pages, start, end - start, lost=lost)
         return Batch(nid, start, pages[: end - start], classes, order, head)
 
     def _has_map(self, pfn: int) -> bool:
@@ -820,9 +851,8 @@ class PageWalker:
             if not self._has_map(pfn):
                 hit = (CODE["other"], -1)
             else:
-                extra = 1 if self._has_map(pfn + 1) else 0
-                pages = self.read(pfn, 1 + extra)
-                classes, order, _ = classify(self, pages, pfn, 1, resolve_tails=False)
+                pages, lost = self._read_span(pfn, pfn + 1)
+                classes, order, _ = classify(self, pages, pfn, 1, False, lost)
                 hit = (int(classes[0]), int(order[0]))
             if len(self._heads) > 4096:
                 self._heads.clear()
@@ -865,7 +895,12 @@ def _type_is(fmt: PageFormat, page_type: np.ndarray, cls: str) -> np.ndarray | N
 
 
 def classify(
-    walker: PageWalker, pages: np.ndarray, start: int, count: int, resolve_tails: bool = True
+    walker: PageWalker,
+    pages: np.ndarray,
+    start: int,
+    count: int,
+    resolve_tails: bool = True,
+    lost: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Classify ``count`` struct pages from PFN ``start`` (``pages`` may hold one more: the
     page after, read for a head's second page).
@@ -907,6 +942,8 @@ def classify(
         second_order = (nxt_flags & np.uint64(0xFF)).astype(np.int64)
 
     give(~walker.in_ram(start, n), "hole")
+    if lost is not None:
+        give(lost[:n], "uncaptured")
     give(flag("PG_hwpoison"), "hwpoison")
 
     # Free blocks: a buddy head's order is in private; its tail pages carry no mark.
@@ -1017,8 +1054,12 @@ def classify(
             # A tail beyond its head's order is stale: its head says it is not a tail.
             span_ok = (horder >= 1) & (tidx + start - hp < (np.int64(1) << np.maximum(horder, 0)))
             hcls = np.where(hcls == CODE["compound-head"], CODE["compound-tail"], hcls)
-            # Free and hole heads make no compound pages: such a tail is stale.
-            stale = ~span_ok | np.isin(hcls, [CODE[c] for c in ("hole", *FREE_CLASSES)])
+            # Free and hole heads make no compound pages: such a tail is stale. A head the
+            # image lacks leaves its tails unknown too.
+            unknown = hcls == CODE["uncaptured"]
+            stale = (~span_ok & ~unknown) | np.isin(
+                hcls, [CODE[c] for c in ("hole", *FREE_CLASSES)]
+            )
             hcls = np.where(stale, CODE["other"], hcls)
             classes[tidx] = hcls
             head[tidx[stale]] = -1

@@ -322,3 +322,21 @@ def test_a_hostile_order_or_head_is_not_believed() -> None:
     assert got[START + 3] == "zero-refcount"
     assert got[START + 34] == "other"
     assert np.all([got[p] == want[p] for p in want if p not in (START + 2, START + 3, START + 34)])
+
+
+def test_a_memory_map_page_the_image_lacks_leaves_its_pages_uncaptured() -> None:
+    """128 pages, whose struct pages fill two pages of memory map; the second was not
+    captured. Its 64 pages are uncaptured, the first 64 classified as ever."""
+    from collector.memory import Fate
+
+    m = MemoryMap("6.12", START, 128)
+    m.in_use(START, flags=m.bit("PG_reserved"))
+    m.buddy(START + 64, 3)
+    m.slab(START + 8, "cache-a", order=3)
+    m.sk.drop(m.page(START + 64), Fate.UNREADABLE)
+    walker, got, _ = walk(m)
+    assert got[START] == "reserved"
+    assert [got[START + i] for i in range(8, 16)] == ["slab"] * 8
+    assert {got[START + i] for i in range(64, 128)} == {"uncaptured"}
+    counts = count_pages(walker)
+    assert int(sum(counts.by_zone.values())[CLASSES.index("uncaptured")]) == 64

@@ -26,6 +26,7 @@ NOTHING = 255
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "hole": (48, 48, 48),
+    "uncaptured": (255, 0, 255),
     "hwpoison": (0, 0, 0),
     "buddy": (120, 200, 120),
     "buddy-tail": (170, 230, 170),
