@@ -270,6 +270,9 @@ def summary(walker: PageWalker, counts: PageCounts, page_size: int) -> Iterator[
             "meminfo": meminfo,
             "note": "; ".join(missing) or None,
         }
+    # What the walk had to leave out or work around (a per-CPU list torn by a live capture).
+    if walker.notes:
+        yield {"key": "notes", "note": "; ".join(walker.notes)}
 
 
 def per_pfn(walker: PageWalker, start: int, end: int) -> Iterator[dict[str, Any]]:
