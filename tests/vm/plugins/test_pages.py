@@ -371,7 +371,13 @@ def test_buddyinfo_agrees_with_proc_buddyinfo(capture: Capture) -> None:
     records = json.loads(result.stdout)
     before, after = buddyinfo(capture.before), buddyinfo(capture.after)
     assert {r["zone"] for r in records} >= set(before)
-    steady = 0
+    # collect allocates from one zone (DMA32 here) while the zone and the memory map are read
+    # moments apart: an order there can go from 3 blocks to 74 and back between the two
+    # snapshots, so the guest's counts are no oracle for that zone. A zone whose every order
+    # was the same before and after (ZONE_DMA, which no allocation of the capture reaches)
+    # is held to them, order by order; in the others the two counts from the image must
+    # add up to the same free pages (below).
+    steady = [z for z in before if before[z] == after[z]]
     pages: dict[str, list[int]] = {}
     for r in records:
         if r["zone"] not in before:
@@ -380,18 +386,13 @@ def test_buddyinfo_agrees_with_proc_buddyinfo(capture: Capture) -> None:
         total = pages.setdefault(r["zone"], [0, 0])
         total[0] += r["nr_free"] << r["order"]
         total[1] += r["heads"] << r["order"]
-        # collect's allocations churn the zone it allocates from (DMA32 here: order 0 went
-        # from tens to hundreds of blocks and back) while the zone and the memory map are
-        # read moments apart, so per order only counts that were the same before and after
-        # the capture are held to the guest's, and to each other.
-        was, now = before[r["zone"]][r["order"]], after[r["zone"]][r["order"]]
-        if was == now:
-            steady += 1
+        if r["zone"] in steady:
+            was = before[r["zone"]][r["order"]]
             assert r["agrees"], r
             for value in (r["nr_free"], r["heads"]):
                 assert abs(value - was) <= max(2, TOLERANCE * was), r
-    print(f"{steady} of {len(records)} zone orders unchanged across the capture, and agree")
-    assert steady >= 11  # ZONE_DMA, which no allocation of the capture touches
+    print(f"zones untouched by the capture, every order as /proc/buddyinfo: {steady}")
+    assert "DMA" in steady
     # Per zone, the free pages the two counts add up to differ by no more than the smear.
     for zone, (by_nr_free, by_heads) in pages.items():
         print(f"{zone}: free pages by nr_free {by_nr_free}, by buddy heads {by_heads}")
