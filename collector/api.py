@@ -23,6 +23,7 @@ See docs/plugins.md for the guide.
 from __future__ import annotations
 
 from collector.errors import BrokenStructure, CollectorError, ImageError, NotApplicable
+from collector.helpers.fs import PathTooLong, d_path, d_unlinked, dentry_path, dentry_path_raw
 from collector.helpers.idr import idr_find, idr_for_each
 from collector.helpers.list import (
     hlist_empty,
@@ -39,7 +40,28 @@ from collector.helpers.list import (
     validate_list,
 )
 from collector.helpers.maple_tree import mt_for_each, mtree_load
-from collector.helpers.mm import for_each_vma, show_map_vma
+from collector.helpers.mm import (
+    UserPageNotCaptured,
+    UserPageNotPresent,
+    access_process_vm,
+    cmdline,
+    environ,
+    for_each_vma,
+    page_address,
+    page_to_pfn,
+    page_to_phys,
+    page_to_virt,
+    pfn_to_page,
+    pfn_to_virt,
+    phys_to_virt,
+    proc_cmdline,
+    proc_environ,
+    show_map_vma,
+    virt_to_page,
+    virt_to_pfn,
+    virt_to_phys,
+    vmalloc_to_page,
+)
 from collector.helpers.module import (
     for_each_module,
     module_address,
@@ -104,8 +126,18 @@ __all__ = [
     "ObjectError",
     "Option",
     "PageNotCaptured",
+    "PathTooLong",
     "Type",
+    "UserPageNotCaptured",
+    "UserPageNotPresent",
+    "access_process_vm",
+    "cmdline",
     "container_of",
+    "d_path",
+    "d_unlinked",
+    "dentry_path",
+    "dentry_path_raw",
+    "environ",
     "find_pid",
     "find_pid_ns",
     "find_task",
@@ -143,10 +175,19 @@ __all__ = [
     "mt_for_each",
     "mtree_load",
     "nr_cpu_ids",
+    "page_address",
+    "page_to_pfn",
+    "page_to_phys",
+    "page_to_virt",
     "per_cpu",
     "per_cpu_offset",
     "per_cpu_ptr",
+    "pfn_to_page",
+    "pfn_to_virt",
+    "phys_to_virt",
     "pid_task",
+    "proc_cmdline",
+    "proc_environ",
     "radix_tree_for_each",
     "radix_tree_lookup",
     "rb_first",
@@ -160,6 +201,10 @@ __all__ = [
     "task_cred_ids",
     "task_state",
     "validate_list",
+    "virt_to_page",
+    "virt_to_pfn",
+    "virt_to_phys",
+    "vmalloc_to_page",
     "xa_for_each",
     "xa_is_value",
     "xa_load",

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import collector
 from collector.errors import CollectorError
+from collector.signals import Interrupted
 
 CAPTURE_EPILOG = """\
 commands (collect COMMAND --help for each):
@@ -31,8 +32,14 @@ examples:
   zstd -dc IMAGE > mem.lime                     a LiME file for Volatility 3
   zstd -dc IMAGE | sha256sum                    compare with `collect info IMAGE`
 
-exit status: 0 done, 1 error, 2 usage, 130/143 interrupted by SIGINT/SIGTERM (the image
-is complete up to the last chunk and says so).
+output: the image is always a new file, mode 0600, owned by the user running collect.
+--force replaces an existing regular file (never a symlink, directory or device) by renaming
+a new file over it before any RAM is read; the old file is not kept, so a capture that fails
+after that leaves its own image, readable up to its last complete chunk, under that name.
+
+exit status: 0 done, 1 error, 2 usage, 130/143 interrupted by SIGINT/SIGTERM. A signal
+while planning or probing ends collect at once and writes nothing; once the image is open,
+the chunk under way is completed and the image closed, saying what it misses.
 """
 
 
@@ -113,10 +120,15 @@ def capture_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         metavar="PATH",
-        help="image file, or - for stdout (default: <hostname>-<UTC time>.lime.zst); created "
-        "0600, never overwritten without --force, never through a symlink",
+        help="image file, or - for stdout (default: <hostname>-<UTC time>.lime.zst); always a "
+        "new file, mode 0600, never created through a symlink",
     )
-    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing regular file: a new 0600 file is renamed over it before any "
+        "RAM is read (the old file's mode and owner are not kept)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and read no RAM")
     p.add_argument("--level", type=int, default=1, help="zstd level (default 1: fastest)")
     p.add_argument(
@@ -182,6 +194,18 @@ def _check_profile(name: str, sysroot: str) -> None:
 
 
 def cmd_capture(args: argparse.Namespace, argv: list[str]) -> int:
+    from collector import signals
+
+    with signals.handled():
+        try:
+            return _capture(args, argv)
+        except Interrupted as e:
+            if not e.detail and not args.dry_run:
+                e.detail = "before any RAM was read; no image was written"
+            raise
+
+
+def _capture(args: argparse.Namespace, argv: list[str]) -> int:
     from collector.acquire import session
 
     _check_profile(args.profile, args.sysroot)
@@ -247,6 +271,12 @@ def _print_summary(s: dict, out=sys.stdout) -> None:
         lines.append(f"unreadable: {errs}")
     for k, v in (s.get("missing_metadata") or {}).items():
         lines.append(f"metadata missing: {k}: {v}")
+    if s.get("unpadded"):
+        start, end = s["unpadded"]
+        lines.append(
+            f"not padded: {start:#x}-{end - 1:#x} ({_human(end - start)}): the image ends inside "
+            "this range, and `zstd -dc` gives a LiME file cut short there"
+        )
     lines.append(f"sha256 of `zstd -dc`: {s.get('stream_sha256')}")
     print("\n".join(lines), file=out)
 
@@ -255,18 +285,20 @@ def _print_summary(s: dict, out=sys.stdout) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from collector import signals
     from collector.acquire import session
 
-    _check_profile(args.profile, args.sysroot)
-    options = session.CaptureOptions(
-        profile=args.profile,
-        sysroot=args.sysroot,
-        source=args.source,
-        include=args.include,
-        exclude=args.exclude,
-    )
-    with session.build_plan(options)[0] as the_plan:
-        return _print_plan(the_plan, args.json)
+    with signals.handled():
+        _check_profile(args.profile, args.sysroot)
+        options = session.CaptureOptions(
+            profile=args.profile,
+            sysroot=args.sysroot,
+            source=args.source,
+            include=args.include,
+            exclude=args.exclude,
+        )
+        with session.build_plan(options)[0] as the_plan:
+            return _print_plan(the_plan, args.json)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -363,7 +395,7 @@ def _address(kernel, text: str) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from collector.acquire.session import open_output
+    from collector import outfile, signals
     from collector.image import export
     from collector.image.open import open_image
 
@@ -371,7 +403,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CollectorError("a raw (padded) export needs a file it can seek in, not stdout", 2)
     memory = open_image(args.image)
     try:
-        with open_output(args.output, args.force) as out:
+        with signals.handled(), outfile.writing(args.output, args.force) as out:
             if args.to == "raw":
                 summary = export.export_raw(memory, out)
             elif args.to == "lime":
@@ -450,11 +482,23 @@ def command_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_translate)
 
-    p = sub.add_parser("export", help="convert an image to LiME, raw (padded) or ELF core")
+    p = sub.add_parser(
+        "export",
+        help="convert an image to LiME, raw (padded) or ELF core",
+        description="Convert an image. The output is written under a temporary name beside "
+        "it, mode 0600, and renamed into place only when complete; a failed export removes "
+        "its partial file and leaves an existing one as it was.",
+    )
     p.add_argument("image")
     p.add_argument("--to", choices=["lime", "raw", "elf"], required=True)
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--force", action="store_true")
+    p.add_argument(
+        "-o", "--output", required=True, help="file to create, or - for stdout (not for raw)"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing regular file (a new file is renamed over it)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_export)
 
@@ -474,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
         args = capture_parser().parse_args(argv)
         return cmd_capture(args, argv)
     except CollectorError as e:
+        print(f"collect: {e}", file=sys.stderr)
+        return e.exit_code
+    except Interrupted as e:
         print(f"collect: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -7,13 +7,19 @@ Pages the tool did not read are zero in the stream and carry their fate in the D
 
 from __future__ import annotations
 
+import bisect
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from collector.image.writer import ImageWriter
 from collector.memory import Fate, FateRun
+
+#: A capture stopped inside a range pads the rest of it with zeros (recorded MISSING) when
+#: the rest is at most this large; beyond it the image ends inside the range, as one cut short
+#: does, so that a signal is obeyed within seconds even on a machine with terabytes of RAM.
+PAD_LIMIT = 1 << 30
 
 
 class Reader(Protocol):
@@ -39,17 +45,20 @@ class CaptureResult:
     progress: Progress
     stopped_by: str | None = None
     errors: list[str] = field(default_factory=list)
+    #: ``(start, end)`` of the rest of a range a stopped capture left unpadded (see PAD_LIMIT).
+    unpadded: tuple[int, int] | None = None
 
 
-def chunk_bounds(start: int, end: int, chunk_size: int) -> list[tuple[int, int]]:
-    """Split ``[start, end)`` at multiples of ``chunk_size`` (chunks align to physical addresses)."""
-    out = []
+def iter_chunks(start: int, end: int, chunk_size: int) -> Iterator[tuple[int, int]]:
+    """Split ``[start, end)`` at multiples of ``chunk_size`` (chunks align to physical addresses).
+
+    A generator: a range is never turned into a list, whatever size a host claims for it.
+    """
     pos = start
     while pos < end:
         stop = min(end, (pos // chunk_size + 1) * chunk_size)
-        out.append((pos, stop))
+        yield pos, stop
         pos = stop
-    return out
 
 
 class _Fates:
@@ -185,20 +194,30 @@ def run_capture(
     :param plan: the plan (``ram_ranges`` and ``entries``, see :mod:`collector.acquire.plan`).
     :param sources: open sources by name.
     :param writer: the image writer; the caller finishes it.
-    :param stop: set by a signal handler: the current chunk is completed, then the loop ends.
+    :param stop: set by a signal handler: the current chunk is completed, the range under
+        way is padded (up to :data:`PAD_LIMIT`), then the loop ends.
     """
     ranges = [(r.start, r.end) for r in plan.ram_ranges]
     progress = Progress(total_bytes=sum(e - s for s, e in ranges))
     result = CaptureResult(progress)
     entries = sorted(plan.entries, key=lambda e: e.start)
+    ends = [e.end for e in entries]
     for start, end in ranges:
-        for i, (c_start, c_end) in enumerate(chunk_bounds(start, end, writer.chunk_size)):
+        for i, (c_start, c_end) in enumerate(iter_chunks(start, end, writer.chunk_size)):
             if stop is not None and stop.is_set():
                 result.stopped_by = getattr(stop, "reason", "interrupted")
-                if i:
+                if i and end - c_start <= PAD_LIMIT:
                     pad_range(writer, c_start, end)
+                elif i:
+                    result.unpadded = (c_start, end)
                 return result
-            overlapping = [e for e in entries if e.start < c_end and e.end > c_start]
+            # Entries are sorted and disjoint: the first one ending after the chunk's start,
+            # and those following it that start before the chunk's end.
+            k = bisect.bisect_right(ends, c_start)
+            overlapping = []
+            while k < len(entries) and entries[k].start < c_end:
+                overlapping.append(entries[k])
+                k += 1
             data, runs = read_chunk(c_start, c_end, overlapping, sources, writer.page_size)
             if i == 0:
                 writer.add_chunk(c_start, data, runs, start, end)
@@ -217,10 +236,11 @@ def pad_range(writer: ImageWriter, start: int, end: int) -> None:
 
     The range's LiME header, written with its first chunk, announced all of it, so the
     stream must carry that many bytes to stay a valid LiME file. All-zero chunks cost no
-    compression (the writer reuses one frame), only the stream hash.
+    compression (the writer reuses one frame), only the stream hash: about a second per GiB,
+    which is why :func:`run_capture` pads at most :data:`PAD_LIMIT` bytes.
     """
     page = writer.page_size
-    for c_start, c_end in chunk_bounds(start, end, writer.chunk_size):
+    for c_start, c_end in iter_chunks(start, end, writer.chunk_size):
         first = c_start // page
         pages = (c_end + page - 1) // page - first
         writer.add_chunk(c_start, bytes(c_end - c_start), [FateRun(0, pages, Fate.MISSING)])

@@ -6,7 +6,9 @@ host with files. A fact that cannot be read is recorded with the reason, never f
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import zlib
 
 from collector.errors import CollectorError
@@ -17,6 +19,8 @@ LOCKDOWN_STATES = ("none", "integrity", "confidentiality")
 # A kernel .config is a few hundred KiB; anything far larger is not one.
 MAX_CONFIG_BYTES = 8 << 20
 MAX_SMALL_FILE = 1 << 20
+# MAX_PHYSMEM_BITS of x86-64 with 5-level paging and of arm64 with 52-bit PAs.
+MAX_PHYS_BITS = 52
 
 
 def as_sysroot(sysroot: Sysroot | str | os.PathLike[str] | None) -> Sysroot:
@@ -26,8 +30,67 @@ def as_sysroot(sysroot: Sysroot | str | os.PathLike[str] | None) -> Sysroot:
 
 
 def _read_small(sysroot: Sysroot, path: str, limit: int = MAX_SMALL_FILE) -> bytes:
-    with open(sysroot.path(path), "rb") as f:
-        return f.read(limit)
+    return read_limited(sysroot, path, limit, truncate=True)
+
+
+def read_limited(sysroot: Sysroot, path: str, limit: int, *, truncate: bool = False) -> bytes:
+    """Read a /proc, /sys or /etc file of at most ``limit`` bytes.
+
+    The file is opened without blocking and must be a regular file (as /proc and /sys files
+    are), so a FIFO or a device planted in a sysroot cannot hang the read or feed it forever.
+
+    :param truncate: return the first ``limit`` bytes of a larger file instead of failing.
+    :raises OSError: the file cannot be read; EFBIG when it is larger than ``limit``, EINVAL
+        when it is not a regular file.
+    """
+    fd = os.open(sysroot.path(path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        parts: list[bytes] = []
+        got = 0
+        # /proc files report size 0: read until end of file, one byte past the limit at most.
+        while got <= limit:
+            part = os.read(fd, min(1 << 20, limit + 1 - got))
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+    finally:
+        os.close(fd)
+    data = b"".join(parts)
+    if len(data) > limit:
+        if truncate:
+            return data[:limit]
+        raise OSError(errno.EFBIG, f"{path} is larger than {limit} bytes")
+    return data
+
+
+def phys_address_bits(sysroot: Sysroot | str | None = None) -> tuple[int, str]:
+    """The width of physical addresses on this machine, and where it comes from.
+
+    x86 prints the CPU's width in /proc/cpuinfo (``address sizes : 46 bits physical, 48 bits
+    virtual``, from CPUID leaf 0x80000008). Without it, the largest any supported
+    architecture has: 52 bits (x86-64 with 5-level paging and arm64 both have
+    MAX_PHYSMEM_BITS 52).
+
+    :returns: ``(bits, evidence)``.
+    """
+    root = as_sysroot(sysroot)
+    try:
+        text = _read_small(root, "/proc/cpuinfo", 4 << 20).decode("utf-8", "replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "address sizes":
+            words = value.split()
+            if len(words) >= 3 and words[0].isdigit() and words[2].startswith("physical"):
+                bits = int(words[0])
+                if 12 <= bits <= MAX_PHYS_BITS:
+                    return bits, f"{bits} bits physical in /proc/cpuinfo"
+            break
+    return MAX_PHYS_BITS, f"{MAX_PHYS_BITS} bits, the largest physical address width Linux has"
 
 
 def _reason(exc: OSError) -> str:

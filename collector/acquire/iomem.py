@@ -20,6 +20,10 @@ U64_MAX = (1 << 64) - 1
 # resources are printed at that level, so a parser must accept siblings there.
 MAX_IORES_LEVEL = 5
 
+# A real /proc/iomem is a few KiB, a few hundred KiB on the largest machines; this bound
+# only stops a corrupt or planted file from driving the parse.
+MAX_IOMEM_BYTES = 4 << 20
+
 _LINE = re.compile(r"^( *)([0-9a-fA-F]{1,16})-([0-9a-fA-F]{1,16}) : (.*)$")
 _SIZE = re.compile(r"^(0[xX][0-9a-fA-F]+|[0-9]+)([kKmMgGtT]?)$")
 _SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -158,6 +162,11 @@ def parse_iomem(text: str) -> list[Resource]:
         if len(indent) % 2:
             raise CollectorError(f"/proc/iomem line {number}: odd indentation")
         depth = len(indent) // 2
+        if depth > MAX_IORES_LEVEL:
+            raise CollectorError(
+                f"/proc/iomem line {number}: indented {depth} levels, deeper than the kernel "
+                f"prints ({MAX_IORES_LEVEL})"
+            )
         start, end = int(start_hex, 16), int(end_hex, 16)
         if start > end:
             raise CollectorError(f"/proc/iomem line {number}: start {start:#x} after end {end:#x}")
@@ -219,6 +228,26 @@ def system_ram(roots: list[Resource]) -> list[Range]:
         if b.start < a.end:
             raise CollectorError(f"/proc/iomem: System RAM ranges {a} and {b} overlap")
     return found
+
+
+def check_addressable(roots: list[Resource], bits: int, evidence: str) -> None:
+    """Refuse System RAM that lies beyond the machine's physical address space.
+
+    Such a line cannot describe RAM, and a capture would otherwise spend its time (and a
+    plan its probes) on addresses that do not exist.
+
+    :param bits: the width of physical addresses (:func:`collector.acquire.host.phys_address_bits`).
+    :param evidence: where ``bits`` comes from, for the message.
+    :raises CollectorError: naming the first such line.
+    """
+    limit = 1 << bits
+    for res in walk(roots):
+        if is_system_ram_name(res.name) and res.end >= limit:
+            raise CollectorError(
+                f"/proc/iomem line {res.line}: {res.name} {res.start:#x}-{res.end:#x} ends "
+                f"beyond the {bits}-bit physical address space of this machine ({evidence}); "
+                "no RAM can be there"
+            )
 
 
 def parse_range(text: str) -> Range:

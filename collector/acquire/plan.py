@@ -214,13 +214,17 @@ class _Planner:
         self._probed = False
         self.entries: list[PlanEntry] = []
         self._open_sources()
-        kcore = self.opened.get(PROC_KCORE)
-        self.page_size = page_size or (
-            kcore.page_size if kcore is not None else host_page_size(sysroot)
-        )
-        for src in self.opened.values():
-            src.page_size = self.page_size
-        self._strict_from_config()
+        try:
+            kcore = self.opened.get(PROC_KCORE)
+            self.page_size = page_size or (
+                kcore.page_size if kcore is not None else host_page_size(sysroot)
+            )
+            for src in self.opened.values():
+                src.page_size = self.page_size
+            self._strict_from_config()
+        except BaseException:  # a signal, or a config file that cannot be read
+            self.close()
+            raise
 
     # -- sources ------------------------------------------------------------------------
 
@@ -234,6 +238,9 @@ class _Planner:
                 self.tried[name] = "available"
             except CollectorError as exc:
                 self.tried[name] = str(exc).removeprefix(f"{name}: ")
+            except BaseException:  # a signal while opening: close what is open
+                self.close()
+                raise
         if self.forced and self.forced not in self.opened:
             raise CollectorError(f"{self.forced}: {self.tried[self.forced]}")
         if not self.opened:

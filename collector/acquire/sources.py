@@ -14,8 +14,8 @@ from collections import defaultdict
 from functools import partial
 from typing import TYPE_CHECKING, NoReturn
 
-from collector.acquire.host import as_sysroot, kernel_config, lockdown_state
-from collector.acquire.iomem import U64_MAX, Range, parse_iomem, system_ram
+from collector.acquire.host import as_sysroot, kernel_config, lockdown_state, read_limited
+from collector.acquire.iomem import MAX_IOMEM_BYTES, U64_MAX, Range, parse_iomem, system_ram
 from collector.elf import (
     ET_CORE,
     PT_LOAD,
@@ -48,8 +48,12 @@ LOFF_MAX = (1 << 63) - 1
 # table must end within the first 16 MiB, as kcore's file size says nothing about it.
 KCORE_LIMITS = PhdrLimits(max_table=16 << 20)
 MAX_NOTE_BYTES = 4 << 20
-# The number of old-layout page_offset_base candidates scored before giving up.
-MAX_OFFSET_CANDIDATES = 4096
+# Before Linux 4.11 kcore has two PT_LOADs per System RAM range (the range and its struct
+# pages) and a few more; finding its page_offset_base scores every candidate offset over every
+# segment, so both are bounded: a few thousand segments and a few hundred candidates take well
+# under a second.
+MAX_OLD_LAYOUT_LOADS = 4096
+MAX_OFFSET_CANDIDATES = 256
 
 
 def errno_name(code: int) -> str:
@@ -279,6 +283,17 @@ class Kcore(Source):
             key=lambda s: s.paddr or 0,
         )
         self._phys_starts = [s.paddr for s in self._phys]
+        # What the segments cover, merged once, so each coverage() is a binary search.
+        merged: list[list[int]] = []
+        for seg in self._phys:
+            span = seg.phys_span
+            assert span is not None
+            if merged and span[0] <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], span[1])
+            else:
+                merged.append([span[0], span[1]])
+        self._covered = [(a, b) for a, b in merged]
+        self._covered_ends = [b for _a, b in merged]
 
     def _read_headers(self, offset: int, size: int) -> bytes:
         """Read the program header table (which follows the ELF header), keeping everything
@@ -296,6 +311,12 @@ class Kcore(Source):
         self, loads: list[tuple[int, ...]], ram: list[Range] | None
     ) -> tuple[str, int | None, list[KcoreSegment]]:
         if loads and all(p_paddr == 0 for _i, _o, _v, p_paddr, _f, _m in loads):
+            if len(loads) > MAX_OLD_LAYOUT_LOADS:
+                raise self._bad(
+                    f"{len(loads)} PT_LOAD segments without physical addresses (a kernel "
+                    f"before 4.11 has two per RAM range; at most {MAX_OLD_LAYOUT_LOADS} are "
+                    "accepted)"
+                )
             return self._classify_old(loads, ram)
         base, segments = classify_loads(loads)
         return "p_paddr", base, segments
@@ -305,7 +326,8 @@ class Kcore(Source):
     ) -> tuple[str, int | None, list[KcoreSegment]]:
         if ram is None:
             try:
-                ram = system_ram(parse_iomem(self.sysroot.read_text("/proc/iomem")))
+                text = read_limited(self.sysroot, "/proc/iomem", MAX_IOMEM_BYTES)
+                ram = system_ram(parse_iomem(text.decode("utf-8", "replace")))
             except (OSError, CollectorError):
                 ram = []
         ps = self.page_size
@@ -314,7 +336,6 @@ class Kcore(Source):
         )
         trimmed = [t for t in trimmed if t[1] > t[0]]
         starts = [a for a, _b in trimmed]
-        exact = set(trimmed)
         by_size: dict[int, list[int]] = defaultdict(list)
         for a, b in trimmed:
             by_size[b - a].append(a)
@@ -323,12 +344,18 @@ class Kcore(Source):
             k = bisect.bisect_right(starts, phys) - 1
             return k >= 0 and phys + size <= trimmed[k][1]
 
-        candidates: set[int] = set()
+        # Candidates come from the lowest segments (the direct map lies below every other
+        # kernel mapping) paired with the lowest RAM ranges of their size, at most
+        # MAX_OFFSET_CANDIDATES of them; each is then scored over every segment.
+        candidates: dict[int, None] = {}
         for _i, _off, vaddr, _paddr, filesz, _memsz in sorted(loads, key=lambda t: t[2]):
             for a in by_size.get(filesz, ()):
-                candidates.add((vaddr - a) & U64_MAX)
+                candidates.setdefault((vaddr - a) & U64_MAX)
+                if len(candidates) >= MAX_OFFSET_CANDIDATES:
+                    break
             if len(candidates) >= MAX_OFFSET_CANDIDATES:
                 break
+        exact = set(trimmed)
         best: tuple[int, int] | None = None
         for cand in candidates:
             score = sum(
@@ -380,16 +407,11 @@ class Kcore(Source):
 
     def coverage(self, start: int, end: int) -> list[Range]:
         pieces: list[Range] = []
-        for seg in self._phys:
-            span = seg.phys_span
-            assert span is not None
-            part = Range(*span).intersect(Range(start, end))
-            if part is None:
-                continue
-            if pieces and part.start <= pieces[-1].end:
-                last = pieces.pop()
-                part = Range(last.start, max(last.end, part.end))
-            pieces.append(Range(part.start, part.end))
+        k = bisect.bisect_right(self._covered_ends, start)
+        while k < len(self._covered) and self._covered[k][0] < end:
+            a, b = self._covered[k]
+            pieces.append(Range(max(a, start), min(b, end)))
+            k += 1
         return pieces
 
 

@@ -29,7 +29,7 @@ from collector.image.sparse import SparseMemory
 from collector.kernel.kernel import Kernel
 from collector.memory import Fate, PageFate
 from collector.testing.cdecl import CType, Layout, compile_btf
-from collector.testing.pagetables import PageTableBuilder
+from collector.testing.pagetables import LEAF_FLAGS, USER, PageTableBuilder
 
 PAGE = 4096
 START_KERNEL_MAP = 0xFFFFFFFF80000000
@@ -44,6 +44,9 @@ IMAGE_PHYS = 0x1000000
 IMAGE_VIRT = START_KERNEL_MAP + IMAGE_PHYS
 #: Objects allocated with :meth:`SyntheticKernel.alloc` come from here up.
 HEAP_PHYS = 0x10000000
+#: Page tables of user address spaces (:meth:`SyntheticKernel.address_space`): 1 MiB each.
+USER_TABLES_AT = 0x8000000
+USER_TABLES_SIZE = 0x100000
 
 
 class SyntheticKernel:
@@ -70,6 +73,7 @@ class SyntheticKernel:
         self.vmcoreinfo_extra: list[str] = []
         self.blobs: dict[str, bytes] = {}
         self._heap = HEAP_PHYS
+        self.address_spaces: list[AddressSpace] = []
         self._image = IMAGE_PHYS + PAGE  # the first page holds _stext
         self._page(IMAGE_PHYS)
         self.tables.map(IMAGE_VIRT, IMAGE_PHYS)
@@ -216,6 +220,15 @@ class SyntheticKernel:
         paddr = self.virt_to_phys(vaddr)
         self.fates[paddr - paddr % PAGE] = PageFate(fate)
 
+    def address_space(self) -> AddressSpace:
+        """A new user address space (what ``mm->pgd`` points to); see :class:`AddressSpace`."""
+        base = USER_TABLES_AT + len(self.address_spaces) * USER_TABLES_SIZE
+        if base + USER_TABLES_SIZE > HEAP_PHYS:
+            raise ValueError("too many address spaces")
+        space = AddressSpace(self, base)
+        self.address_spaces.append(space)
+        return space
+
     # -- the image ---------------------------------------------------------------------------------
 
     def vmcoreinfo(self) -> str:
@@ -237,13 +250,16 @@ class SyntheticKernel:
         """The physical memory: data pages, page tables (every page also in the direct map)."""
         mapped: set[int] = set()
         while True:
-            pending = [p for p in (*self.data, *self.tables.pages) if p not in mapped]
+            user_tables = [p for space in self.address_spaces for p in space.tables.pages]
+            pending = [p for p in (*self.data, *self.tables.pages, *user_tables) if p not in mapped]
             if not pending:
                 break
             for p in pending:
                 mapped.add(p)
                 self.tables.map(self.page_offset + p, p)
         ranges = {p: bytes(b) for p, b in self.tables.pages.items()}
+        for space in self.address_spaces:
+            ranges.update((p, bytes(b)) for p, b in space.tables.pages.items())
         for p, b in self.data.items():
             ranges[p] = bytes(b)
         kallsyms = "".join(
@@ -268,6 +284,85 @@ def _paths(values: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword names to member paths: ``tasks__next`` is ``tasks.next``; a leading ``__``
     (``__state``) is part of the name."""
     return {re.sub(r"(?<=[^_])__(?=[^_])", ".", k): v for k, v in values.items()}
+
+
+class AddressSpace:
+    """A process's page tables and user pages, built beside a :class:`SyntheticKernel`.
+
+    The top table lives in a page of its own in the direct map, as ``mm->pgd`` does; user
+    pages are allocated from the kernel's heap (so they are in the direct map too)::
+
+        space = sk.address_space()
+        space.map(0x400000)                      # one 4 KiB page
+        space.map(0x600000, 2 << 20)             # one 2 MiB page
+        space.write(0x400ff0, b"crosses into the next page")
+        sk.new("struct mm_struct", pgd=space.pgd)
+
+    :param sk: the kernel whose memory holds it.
+    :param base: where its table pages are allocated, one page after another (1 MiB room).
+    """
+
+    def __init__(self, sk: SyntheticKernel, base: int) -> None:
+        self._sk = sk
+        self.tables = PageTableBuilder(levels=sk.levels, top=base, alloc=base + PAGE)
+        self._limit = base + USER_TABLES_SIZE
+        #: user page address -> (physical address of its backing, page size)
+        self.pages: dict[int, tuple[int, int]] = {}
+
+    @property
+    def pgd(self) -> int:
+        """``mm->pgd``: the direct-map address of the top table."""
+        return self._sk.page_offset + self.tables.top
+
+    def map(self, uaddr: int, size: int = PAGE, flags: int = LEAF_FLAGS | USER) -> int:
+        """Back the user page at ``uaddr`` (4 KiB or 2 MiB, aligned) with new zeroed memory;
+        the backing's direct-map address."""
+        backing = self._sk.alloc(size, size)
+        self.tables.map(uaddr, self._sk.virt_to_phys(backing), size, flags)
+        if self.tables._next > self._limit:
+            raise ValueError("the address space ran out of room for page tables")
+        self.pages[uaddr] = (self._sk.virt_to_phys(backing), size)
+        return backing
+
+    def _backing(self, uaddr: int) -> tuple[int, int]:
+        """(physical address, bytes to the end of its page) for a mapped user address."""
+        for size in (PAGE, 2 << 20):
+            base = uaddr - uaddr % size
+            hit = self.pages.get(base)
+            if hit is not None and hit[1] == size:
+                return hit[0] + uaddr - base, base + size - uaddr
+        raise KeyError(f"user address {uaddr:#x} is not mapped")
+
+    def write(self, uaddr: int, data: bytes) -> None:
+        """Write bytes at mapped user addresses, across page boundaries."""
+        pos = 0
+        while pos < len(data):
+            paddr, room = self._backing(uaddr + pos)
+            n = min(room, len(data) - pos)
+            self._sk.write(self._sk.page_offset + paddr, data[pos : pos + n])
+            pos += n
+
+    def physical(self, uaddr: int) -> int:
+        """The physical address backing a mapped user address."""
+        return self._backing(uaddr)[0]
+
+    def set_pte(self, uaddr: int, value: int) -> None:
+        """Write ``value`` into the last-level entry for ``uaddr`` (e.g. a swap entry, present
+        bit clear), making the page table that holds it if needed."""
+        leaf = uaddr - uaddr % PAGE
+        try:
+            table = self.tables.table_at(leaf, "PT")
+        except KeyError:
+            # Map a throwaway page to make the tables, then overwrite the entry.
+            self.tables.map(leaf, 0, PAGE)
+            table = self.tables.table_at(leaf, "PT")
+        self.tables.set_entry(table, (leaf >> 12) & 511, value)
+        self.pages.pop(leaf, None)
+
+    def drop(self, uaddr: int, fate: Fate = Fate.EXCLUDED) -> None:
+        """Make the page backing ``uaddr`` one the image did not capture."""
+        paddr = self.physical(uaddr)
+        self._sk.fates[paddr - paddr % PAGE] = PageFate(fate)
 
 
 def layout_of(declarations: str) -> Layout:

@@ -13,6 +13,7 @@ from collector.memory import PageFate
 
 PRESENT = 0x1
 RW = 0x2
+USER = 0x4
 ACCESSED = 0x20
 DIRTY = 0x40
 PS = 0x80

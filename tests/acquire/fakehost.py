@@ -29,6 +29,7 @@ import random
 import re
 import struct
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,10 @@ class _Kernel:
     # -- read --------------------------------------------------------------------------
 
     def read(self, name: str, size: int, offset: int) -> bytes:
+        delay = self.fake.slow.get(name)
+        if delay:
+            self.fake.slow_read.set()
+            time.sleep(delay)
         spans: list[tuple[int, int]] = []
         virtual = [False]
         try:
@@ -340,6 +345,10 @@ class FakeHost:
         self.check_reads = check_reads
         self.reads: list[FakeRead] = []
         self.allowed: list[tuple[int, int]] = []
+        #: Seconds each read of a device (``mem``, ``kcore``, ``crash``) takes; ``slow_read``
+        #: is set when such a read starts.
+        self.slow: dict[str, float] = {}
+        self.slow_read = threading.Event()
         self.resources = _parse(iomem)
         self.ram = self._ram_ranges()
         self.max_pfn = max(r.end for r in self.ram) // PAGE if self.ram else 0

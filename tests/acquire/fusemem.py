@@ -81,6 +81,10 @@ class FuseMount:
 
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         ops = _operations(mfusepy, self.device, self.files)
+        # libfuse's fuse_main() changes the working directory of the whole process to /; a
+        # subprocess started by a test would then import the installed collector instead of
+        # this checkout's.
+        cwd = os.getcwd()
 
         def run() -> None:
             try:
@@ -108,6 +112,8 @@ class FuseMount:
             time.sleep(0.002)
         self.conn = os.minor(os.stat(self.mountpoint).st_dev)
         _ACTIVE.add(self)
+        os.listdir(self.mountpoint)  # answered by the loop, so fuse_main() is past its chdir
+        os.chdir(cwd)
 
     def stop(self) -> None:
         _ACTIVE.discard(self)

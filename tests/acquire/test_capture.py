@@ -6,7 +6,7 @@ import errno
 import random
 from dataclasses import dataclass
 
-from collector.acquire.capture import chunk_bounds, read_chunk, run_capture
+from collector.acquire.capture import iter_chunks, read_chunk, run_capture
 from collector.image.reader import NativeImage
 from collector.image.writer import ImageWriter
 from collector.memory import Fate, FateRun
@@ -59,8 +59,8 @@ def dense(n: int, seed: int = 7) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def test_chunk_bounds_align_to_physical_addresses():
-    assert chunk_bounds(0x1000, 0x9FC00, 0x40000) == [
+def test_chunks_align_to_physical_addresses():
+    assert list(iter_chunks(0x1000, 0x9FC00, 0x40000)) == [
         (0x1000, 0x40000),
         (0x40000, 0x80000),
         (0x80000, 0x9FC00),

@@ -612,7 +612,7 @@ def test_existing_output_and_planted_symlinks_are_left_alone(guest: Guest) -> No
     )
     guest.run(script, timeout=600).check()
     messages = {
-        "existing": f"collect: {inside}/existing already exists; use --force to overwrite it\n",
+        "existing": f"collect: {inside}/existing already exists; use --force to replace it\n",
         "link": f"collect: {inside}/link is a symbolic link; refusing to follow it\n",
         "link-force": f"collect: {inside}/link is a symbolic link; refusing to follow it\n",
         "dangling-force": (
@@ -639,3 +639,46 @@ def test_existing_output_and_planted_symlinks_are_left_alone(guest: Guest) -> No
         "link",
         "target",
     ]
+
+
+def test_force_replaces_a_file_another_user_owns_with_a_new_private_image(guest: Guest) -> None:
+    """--force over a 0666 file of another user: a new 0600 root-owned file holds the image,
+    and the old file, reached through its other hard link, is untouched (on the guest's tmpfs,
+    so the guest kernel's own rename, link and chmod are the judges)."""
+    host, inside = workdir(guest, "force")
+    stat = "stat -c '%a %u %g %i %h'"
+    result = guest.run(
+        "mkdir -p /tmp/force && mount -t tmpfs -o size=64m tmpfs /tmp/force || exit 99\n"
+        "cd /tmp/force\n"
+        "printf 'old file\\n' > mem.lime.zst && chmod 0666 mem.lime.zst\n"
+        "chown 4321:4321 mem.lime.zst && ln mem.lime.zst other-name\n"
+        f"{stat} mem.lime.zst > {inside}/before\n"
+        f"cat /proc/iomem > {inside}/iomem\n"
+        # RAM above 16 MiB is excluded (recorded, not read) so the image fits the guest's tmpfs.
+        f"{CAPTURE} --exclude 0x1000000-0xfffffffffff -o /tmp/force/mem.lime.zst --force "
+        f"> {inside}/stdout 2> {inside}/stderr\n"
+        f"echo $? > {inside}/rc\n"
+        f"ls -ln /tmp/force > {inside}/ls\n"
+        f"{stat} mem.lime.zst > {inside}/after && {stat} other-name > {inside}/other-stat\n"
+        f"cat other-name > {inside}/other && cp mem.lime.zst {inside}/mem.lime.zst\n"
+        "cd / && umount /tmp/force",
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    listing = (host / "ls").read_text()
+    print(listing)
+    assert ((host / "rc").read_text(), (host / "stderr").read_text()) == ("0\n", "")
+    mode, uid, gid, inode, links = (host / "before").read_text().split()
+    assert (mode, uid, gid, links) == ("666", "4321", "4321", "2")
+    new = (host / "after").read_text().split()
+    assert new[:3] == ["600", "0", "0"] and new[3] != inode and new[4] == "1"
+    assert (host / "other-stat").read_text().split() == ["666", "4321", "4321", inode, "1"]
+    assert (host / "other").read_text() == "old file\n"
+    names = sorted(line.split()[-1] for line in listing.splitlines()[1:])
+    assert names == ["mem.lime.zst", "other-name"], "no temporary file is left behind"
+    image = host / "mem.lime.zst"
+    rc, report = verify(image)
+    assert (rc, report["status"]) == (0, "intact")
+    with NativeImage(image) as img:
+        assert img.ranges() == ram_ranges((host / "iomem").read_text())
+        assert img.end["clean"] is True

@@ -40,6 +40,15 @@ def stable_processes(capture: Capture) -> dict[int, dict]:
     }
 
 
+def unchanged(capture: Capture, key: str) -> dict[int, dict]:
+    """Of :func:`stable_processes`, those whose ``key`` (``cmdline``, ``exe``) /proc showed
+    the same before and after the capture: what the image, taken between, must show."""
+    after = capture.after["processes"]
+    return {
+        pid: p for pid, p in stable_processes(capture).items() if after[str(pid)][key] == p[key]
+    }
+
+
 def walk_tasks(kernel: Kernel) -> Iterator[Object]:
     """Every process on ``init_task.tasks`` (thread group leaders), init_task first."""
     init = kernel.variable("init_task")

@@ -7,7 +7,7 @@ import pytest
 from collector.image.open import open_image
 from collector.kernel.kernel import Kernel
 from tests.vm.conftest import Capture
-from tests.vm.helpers import test_module, test_percpu, test_sched
+from tests.vm.helpers import test_fs, test_mm, test_module, test_percpu, test_sched
 
 pytestmark = pytest.mark.vm
 
@@ -19,6 +19,16 @@ CHECKS = (
     test_percpu.test_cpu_masks,
     test_percpu.test_per_cpu_cpu_info_matches_proc_cpuinfo,
     test_percpu.test_per_cpu_ptr_of_a_counter_lies_between_two_readings,
+    # User page tables with a PML5 on top, and the direct map of a 5-level kernel.
+    test_mm.test_the_witness_command_line,
+    test_mm.test_the_witness_threads_and_environment,
+    test_mm.test_every_command_line_matches_proc,
+    test_mm.test_the_witness_executable_mapping_holds_the_file,
+    test_mm.test_struct_pages_and_the_direct_map_agree_with_qemu,
+    test_mm.test_kernel_threads_have_no_command_line,
+    test_fs.test_every_executable_path_matches_proc,
+    test_fs.test_the_witness_executable_seen_from_the_global_root,
+    test_fs.test_the_witness_working_directory,
 )
 
 
