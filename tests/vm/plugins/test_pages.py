@@ -114,28 +114,34 @@ def zoneinfo(snapshot: dict) -> dict[str, dict[str, int]]:
 PTE_PRESENT, PTE_PSE, PTE_FRAME = 1, 1 << 7, 0x000FFFFFFFFFF000
 
 
-def table_pages(kernel: Kernel, pgd: int) -> set[int]:
-    """PFNs of every page-table page of a user address space (the user half of the tables)."""
+#: More page-table pages than a test guest has: a walk past this is a loop.
+MAX_TABLES = 1 << 20
+
+
+def table_pages(kernel: Kernel, top: int, kernel_half: bool = False) -> set[int]:
+    """PFNs of the page-table pages under the top table at physical ``top``: its user half
+    (a process's own), or its kernel half (the kernel's, shared by every process)."""
     levels = 5 if kernel.paging_mode == "5-level" else 4
-    top = kernel.translate(pgd).paddr
     found = {top // PAGE}
-    todo = [(top, levels, 256)]  # the kernel half, shared by every process, is left out
-    while todo:
+    todo = [(top, levels, slice(256, 512) if kernel_half else slice(0, 256))]
+    while todo and len(found) < MAX_TABLES:
         table, level, entries = todo.pop()
-        data = np.frombuffer(kernel.read_phys(table, PAGE), "<u8")[:entries]
+        data = np.frombuffer(kernel.read_phys(table, PAGE), "<u8")[entries]
         for entry in data[(data & PTE_PRESENT) != 0].tolist():
             if level == 1 or (level in (2, 3) and entry & PTE_PSE):
                 continue
             child = entry & PTE_FRAME
+            if child // PAGE in found:
+                continue
             found.add(child // PAGE)
             if level > 2:
-                todo.append((child, level - 1, 512))
+                todo.append((child, level - 1, slice(0, 512)))
     return found
 
 
 def capture_tables(capture: Capture, kernel: Kernel) -> set[int]:
     """Page-table pages of the processes that lived only during the capture (collect itself,
-    and the commands that sampled its memory): the capture's own page tables."""
+    and the process that sampled its memory): the capture's own page tables."""
     steady = {
         pid
         for pid, p in capture.before["processes"].items()
@@ -144,7 +150,7 @@ def capture_tables(capture: Capture, kernel: Kernel) -> set[int]:
     pfns: set[int] = set()
     for task in for_each_process(kernel):
         if str(task.pid.value()) not in steady and not task.mm.is_null():
-            pfns |= table_pages(kernel, task.mm.pgd.value())
+            pfns |= table_pages(kernel, kernel.translate(task.mm.pgd.value()).paddr)
     return pfns
 
 
@@ -235,10 +241,25 @@ def check_stable_classes(capture: Capture, kernel: Kernel) -> None:
     # Nor are the capture's own processes' page tables.
     free = (((before[:n] >> KPF["BUDDY"]) | (after[:n] >> KPF["BUDDY"])) & 1) == 1
     # The capture's own page tables are free at both snapshots (on a per-CPU list, where
-    # kpageflags shows no flag at all): found by walking the tables of its processes.
+    # kpageflags shows no flag at all): found by walking the tables of its processes. A
+    # page the image shows as a table of the kernel's own (vmalloc's, which reading
+    # /proc/kcore grows), typed as one, that kpageflags called no table before nor after,
+    # was made and freed during the capture too.
     own = np.array(sorted(capture_tables(capture, kernel)), dtype=np.int64)
     free[own[own < n]] = True
-    print(f"{len(own)} page-table pages of the capture's own processes")
+    pgtable = (((before[:n] | after[:n]) >> KPF["PGTABLE"]) & 1) == 1
+    kernel_tables = np.array(
+        sorted(table_pages(kernel, kernel.layout.top_table_paddr, kernel_half=True)),
+        dtype=np.int64,
+    )
+    kernel_tables = kernel_tables[kernel_tables < n]
+    typed = classes[kernel_tables] == CODE["pagetable"]
+    transient = kernel_tables[typed & ~pgtable[kernel_tables]]
+    free[transient] = True
+    print(
+        f"{len(own)} page-table pages of the capture's own processes; {len(transient)} of the"
+        f" kernel's {len(kernel_tables)} made during the capture"
+    )
     for cls, bit in STABLE.items():
         b = (before[:n] >> KPF[bit]) & 1
         a = (after[:n] >> KPF[bit]) & 1
@@ -247,6 +268,13 @@ def check_stable_classes(capture: Capture, kernel: Kernel) -> None:
         ours = steady & (classes[:n] == CODE[cls])
         both, either = int((theirs & ours).sum()), int((theirs | ours).sum())
         report[cls] = (both, either)
+        only_ours = np.nonzero(ours & ~theirs)[0]
+        only_theirs = np.nonzero(theirs & ~ours)[0]
+        print(
+            f"{cls}: only here {[hex(p) for p in only_ours[:8]]} ({len(only_ours)}),"
+            f" only in kpageflags {[(hex(p), CLASSES[classes[p]]) for p in only_theirs[:8]]}"
+            f" ({len(only_theirs)})"
+        )
         agree += both
         union += either
     print("kpageflags agreement (pages in both / in either):", report)
