@@ -7,13 +7,13 @@ a plugin's own bug becomes one :class:`CollectorError`, and no traceback reaches
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from construct import ConstructError
 
-from collector.errors import CollectorError, NotApplicable
+from collector.errors import CollectorError, NotApplicable, UsageError
 from collector.hookspecs import FIELD_TYPES, Analysis, Field
 from collector.plugin_manager import PluginManager, RegisteredAnalysis
 
@@ -43,10 +43,11 @@ class AnalysisResult:
     :param image: the image and kernel they describe.
     :param options: the options the analysis ran with, defaults filled in.
     :param error: why the records stop early (one line), or ``None`` if they are complete.
+        For streamed records, see :meth:`final_error`.
     """
 
     analysis: Analysis
-    records: list[dict[str, Any]]
+    records: list[dict[str, Any]] | RecordStream
     plugin: str
     plugin_version: str
     image: ImageInfo
@@ -55,8 +56,42 @@ class AnalysisResult:
 
     @property
     def fields(self) -> tuple[Field, ...]:
-        """The documented fields of every record."""
-        return self.analysis.fields
+        """The fields of every record (for the options it ran with)."""
+        return self.analysis.selected_fields(self.options)
+
+    def final_error(self) -> str | None:
+        """Why the records stopped early; for streamed records, known once they are read."""
+        if isinstance(self.records, RecordStream):
+            return self.records.error
+        return self.error
+
+
+class RecordStream:
+    """Records checked one at a time as they are read, never all held in memory (millions of
+    per-page records); :attr:`error` says why they stopped early, once they are read."""
+
+    def __init__(
+        self, registered: RegisteredAnalysis, fields: tuple[Field, ...], produced: Iterable[Any]
+    ) -> None:
+        self._registered = registered
+        self._fields = fields
+        self._produced = produced
+        self.count = 0
+        self.error: str | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        name = self._registered.analysis.name
+        try:
+            iterator = _guard(self._registered, 0, lambda: iter(self._produced))
+            while True:
+                record = _guard(self._registered, self.count, lambda: next(iterator, _END))
+                if record is _END:
+                    return
+                checked = _check_record(self._registered, self.count, record, self._fields)
+                self.count += 1
+                yield checked
+        except _ImageReadError as e:
+            self.error = f"{name}: stopped after {self.count} records: {e}"
 
 
 def resolve_options(analysis: Analysis, given: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -111,27 +146,36 @@ def analyze_kernel(
     *,
     manager: PluginManager | None = None,
     image_path: str | os.PathLike | None = None,
+    stream: bool = False,
 ) -> AnalysisResult:
     """Run the analysis ``name`` on an already set-up kernel.
 
+    :param stream: hand back the records as a :class:`RecordStream` that computes them as it
+        is read (the caller reads it while the image is open), instead of a list.
     :raises NotApplicable: the analysis does not apply to this image (the message says why).
     :raises CollectorError: unknown analysis or option, or a bug in the plugin (one line).
     """
     manager = manager or PluginManager()
     registered = manager.analysis(name)
     resolved = resolve_options(registered.analysis, options)
-    records: list[dict[str, Any]] = []
+    fields = registered.analysis.selected_fields(resolved)
+    records: list[dict[str, Any]] | RecordStream = []
     error = None
     try:
         produced = _guard(
             registered, 0, lambda: manager.analyze(name=name, kernel=kernel, options=dict(resolved))
         )
-        iterator = iter(_check_iterable(registered, produced))
-        while True:
-            record = _guard(registered, len(records), lambda: next(iterator, _END))
-            if record is _END:
-                break
-            records.append(_check_record(registered, len(records), record))
+        produced = _check_iterable(registered, produced)
+        if stream:
+            records = RecordStream(registered, fields, produced)
+        else:
+            assert isinstance(records, list)
+            iterator = iter(produced)
+            while True:
+                record = _guard(registered, len(records), lambda: next(iterator, _END))
+                if record is _END:
+                    break
+                records.append(_check_record(registered, len(records), record, fields))
     except _ImageReadError as e:
         error = f"{name}: stopped after {len(records)} records: {e}"
     return AnalysisResult(
@@ -155,10 +199,14 @@ def run_analysis(
     options: Mapping[str, Any] | None = None,
     *,
     manager: PluginManager | None = None,
+    consume: Callable[[AnalysisResult], None] | None = None,
 ) -> AnalysisResult:
     """Open the image at ``image_path``, set up its kernel and run the analysis ``name``.
 
     The analysis and its options are checked before the image is opened, so a typo fails fast.
+
+    :param consume: called with the result while the image is still open; its records are
+        then streamed (a :class:`RecordStream`), so millions of records never sit in memory.
 
     :raises NotApplicable: the analysis does not apply to this image (the message says why).
     :raises CollectorError: the image cannot be opened, or as :func:`analyze_kernel`.
@@ -172,7 +220,17 @@ def run_analysis(
     memory = open_image(image_path)
     try:
         kernel = Kernel(memory)
-        return analyze_kernel(kernel, name, options, manager=manager, image_path=image_path)
+        result = analyze_kernel(
+            kernel,
+            name,
+            options,
+            manager=manager,
+            image_path=image_path,
+            stream=consume is not None,
+        )
+        if consume is not None:
+            consume(result)
+        return result
     finally:
         memory.close()
 
@@ -191,6 +249,8 @@ def _guard(registered: RegisteredAnalysis, count: int, step: Callable[[], T]) ->
         return step()
     except NotApplicable as e:
         raise NotApplicable(f"{name} does not apply to this image: {e}", e.exit_code) from None
+    except UsageError:
+        raise
     except (CollectorError, ConstructError) as e:
         # Page not captured, corrupt chunk, unmapped address, short or garbled structure.
         raise _ImageReadError(_one_line(e)) from e
@@ -216,12 +276,13 @@ def _check_iterable(registered: RegisteredAnalysis, produced: object) -> Iterabl
     return produced
 
 
-def _check_record(registered: RegisteredAnalysis, index: int, record: object) -> dict[str, Any]:
-    """Return the record with every declared field, in order; refuse undeclared or mistyped."""
+def _check_record(
+    registered: RegisteredAnalysis, index: int, record: object, fields: tuple[Field, ...]
+) -> dict[str, Any]:
+    """Return the record with every selected field, in order; refuse undeclared or mistyped."""
     where = f"plugin {registered.plugin.name!r}, analysis {registered.analysis.name!r}"
     if not isinstance(record, Mapping):
         raise CollectorError(f"{where}: record {index} is {type(record).__name__}, not a dict")
-    fields = registered.analysis.fields
     extra = set(record) - {f.name for f in fields}
     if extra:
         raise CollectorError(f"{where}: record {index} has undeclared field {sorted(extra)[0]!r}")

@@ -58,12 +58,19 @@ def run_analyze(args: argparse.Namespace) -> int:
     registered = manager.analysis(args.analysis)
     parsed = analysis_parser(registered).parse_args(args.options)
     options = {o.name: getattr(parsed, o.name) for o in registered.analysis.options}
-    result = run_analysis(args.image, args.analysis, options, manager=manager)
     _tolerant(sys.stdout)
-    write_result(sys.stdout, result, parsed.format or args.format or "table")
-    if result.error is not None:
+    fmt = parsed.format or args.format or "table"
+    result = run_analysis(
+        args.image,
+        args.analysis,
+        options,
+        manager=manager,
+        consume=lambda r: write_result(sys.stdout, r, fmt),
+    )
+    error = result.final_error()
+    if error is not None:
         sys.stdout.flush()
-        print(f"collect: {result.error}", file=sys.stderr)
+        print(f"collect: {error}", file=sys.stderr)
         return 1
     return 0
 

@@ -13,6 +13,14 @@ class CollectorError(Exception):
         self.exit_code = exit_code
 
 
+class UsageError(CollectorError):
+    """A command or an option was given wrongly (exit status 2); raised by a plugin for an
+    option it can only check once it runs, it ends the analysis with that one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=2)
+
+
 class ImageError(CollectorError):
     """An image is truncated, corrupted, hostile or not an image at all."""
 

@@ -91,6 +91,10 @@ class Analysis:
     :param run: what computes the records: called as ``run(kernel, options)`` and returning
         an iterable of records, as :func:`collector_analyze` would. With it the plugin needs
         no ``collector_analyze``; without it, ``collector_analyze`` is called.
+    :param fields_for: for an analysis whose options choose between views (``pages --by``):
+        called as ``fields_for(options)``, it names the fields the records carry for those
+        options, a subset of ``fields`` in display order. Without it every record carries
+        every field.
     """
 
     name: str
@@ -100,6 +104,16 @@ class Analysis:
     run: Callable[[Kernel, dict[str, Any]], Iterable[dict[str, Any]]] | None = field(
         default=None, compare=False, repr=False
     )
+    fields_for: Callable[[dict[str, Any]], Iterable[str]] | None = field(
+        default=None, compare=False, repr=False
+    )
+
+    def selected_fields(self, options: dict[str, Any]) -> tuple[Field, ...]:
+        """The fields records carry when run with ``options`` (see ``fields_for``)."""
+        if self.fields_for is None:
+            return self.fields
+        by_name = {f.name: f for f in self.fields}
+        return tuple(by_name[name] for name in self.fields_for(options))
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):

@@ -7,8 +7,9 @@ untrusted memory); JSON and CSV keep numbers as integers and strings as they are
 from __future__ import annotations
 
 import csv
+import itertools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from collector.errors import CollectorError
@@ -38,15 +39,18 @@ def write_result(stream: TextIO, result: AnalysisResult, fmt: str) -> None:
         result.records,
         result.fields,
         fmt,
-        title=result_title(result),
+        title=lambda count: result_title(result, count),
         constants={"plugin": result.plugin, "plugin_version": result.plugin_version},
     )
 
 
-def result_title(result: AnalysisResult) -> str:
-    """One line: analysis, record count, image, kernel release and plugin version."""
-    n = len(result.records)
-    text = f"{result.analysis.name}: {n} record{'' if n == 1 else 's'}"
+def result_title(result: AnalysisResult, count: int | None = None) -> str:
+    """One line: analysis, record count (when known), image, kernel release and plugin version."""
+    n = len(result.records) if isinstance(result.records, list) else count
+    if n is None:
+        text = f"{result.analysis.name}: records"
+    else:
+        text = f"{result.analysis.name}: {n} record{'' if n == 1 else 's'}"
     if result.image.path is not None:
         text += f" from {result.image.path}"
     if result.image.release is not None:
@@ -54,26 +58,45 @@ def result_title(result: AnalysisResult) -> str:
     return _escape(f"{text}, plugin {result.plugin} {result.plugin_version}")
 
 
+#: Records a table holds before it prints; a longer table prints in blocks of this many, each
+#: block's columns as wide as the widest cell seen so far.
+TABLE_BLOCK = 10_000
+
+
 def write_records(
     stream: TextIO,
-    records: Sequence[Mapping[str, Any]],
+    records: Iterable[Mapping[str, Any]],
     fields: Sequence[Field],
     fmt: str,
     *,
-    title: str | None = None,
+    title: str | Callable[[int | None], str] | None = None,
     constants: Mapping[str, Any] | None = None,
 ) -> None:
     """Write ``records`` in ``fmt`` (one of :data:`FORMATS`).
 
     :param fields: the columns, in order; a record's missing key is ``None``.
-    :param title: a line above a table (ignored by machine formats).
+    :param title: a line above a table (ignored by machine formats), or what makes it from
+        the number of records (``None`` when the table is printed before they are all read).
     :param constants: extra columns with the same value on every record, machine formats only.
     :raises CollectorError: an unknown format.
     """
     if fmt == "table":
+        iterator = iter(records)
+        first = list(itertools.islice(iterator, TABLE_BLOCK))
+        whole = len(first) < TABLE_BLOCK
+        if callable(title):
+            title = title(len(first) if whole else None)
         if title is not None:
             stream.write(title + "\n")
-        stream.write(format_table(records, fields))
+        if whole:
+            stream.write(format_table(first, fields))
+            return
+        widths: list[int] = []
+        block = first
+        while block:
+            text, widths = _table_lines(block, fields, widths, header=not widths)
+            stream.write(text)
+            block = list(itertools.islice(iterator, TABLE_BLOCK))
         return
     names = [f.name for f in fields]
     constants = dict(constants or {})
@@ -109,6 +132,16 @@ def format_table(records: Sequence[Mapping[str, Any]], fields: Sequence[Field]) 
             + "\n"
             for f in fields
         )
+    return _table_lines(records, fields, [], header=True)[0]
+
+
+def _table_lines(
+    records: Sequence[Mapping[str, Any]],
+    fields: Sequence[Field],
+    at_least: Sequence[int],
+    header: bool,
+) -> tuple[str, list[int]]:
+    """Aligned lines for ``records``, columns at least ``at_least`` wide; and the widths."""
     last = len(fields) - 1
     columns = [
         [
@@ -118,6 +151,7 @@ def format_table(records: Sequence[Mapping[str, Any]], fields: Sequence[Field]) 
         for i, f in enumerate(fields)
     ]
     widths = [max(len(f.name), *map(len, col)) for f, col in zip(fields, columns, strict=True)]
+    widths = [max([w, *at_least[i : i + 1]]) for i, w in enumerate(widths)]
     right = [f.type in _NUMERIC for f in fields]
 
     def line(cells: Sequence[str]) -> str:
@@ -126,9 +160,9 @@ def format_table(records: Sequence[Mapping[str, Any]], fields: Sequence[Field]) 
         ]
         return _GAP.join(parts).rstrip() + "\n"
 
-    out = [line([f.name for f in fields]), line(["-" * w for w in widths])]
+    out = [line([f.name for f in fields]), line(["-" * w for w in widths])] if header else []
     out.extend(line(row) for row in zip(*columns, strict=True))
-    return "".join(out)
+    return "".join(out), widths
 
 
 def format_cell(value: Any, field_type: str, limit: int | None = MAX_COLUMN_WIDTH) -> str:

@@ -38,7 +38,11 @@ __all__ = [
 ]
 
 #: Modules registered first, in this order; they carry the collector's own version.
-BUILTIN_PLUGINS: tuple[str, ...] = ("collector.plugins.sysinfo", "collector.plugins.kallsyms")
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "collector.plugins.sysinfo",
+    "collector.plugins.kallsyms",
+    "collector.plugins.pages",
+)
 
 #: Third-party plugins declare ``[project.entry-points.collector] name = "module"``.
 ENTRY_POINT_GROUP = "collector"

@@ -160,3 +160,31 @@ def test_result_json_records_carry_their_producer() -> None:
     out = io.StringIO()
     write_result(out, result([{"n": 1}]), "json")
     assert out.getvalue() == '[\n{"n": 1, "plugin": "demo", "plugin_version": "2.0"}\n]\n'
+
+
+def test_a_long_table_streams_in_blocks_with_one_header(monkeypatch) -> None:
+    import collector.output as output
+
+    monkeypatch.setattr(output, "TABLE_BLOCK", 3)
+    fields = [Field("n", "int", "a number"), Field("word", "str", "a word")]
+    consumed = []
+
+    def records():
+        for n in (1, 22, 333, 4444, 5):
+            consumed.append(n)
+            yield {"n": n, "word": "w" * n if n < 10 else "x"}
+
+    stream = io.StringIO()
+    output.write_records(stream, records(), fields, "table", title=lambda n: f"title {n}")
+    # The first block sets the widths; the second widens them where it must.
+    assert stream.getvalue().splitlines() == [
+        "title None",
+        "  n  word",
+        "---  ----",
+        "  1  w",
+        " 22  x",
+        "333  x",
+        "4444  x",
+        "   5  wwwww",
+    ]
+    assert consumed == [1, 22, 333, 4444, 5]

@@ -290,19 +290,37 @@ class NativeImage:
             return PageFate(Fate.MISSING)
         return PageFate(Fate.OUTSIDE)
 
+    def _first_unread(self, chunk: ChunkRef, start: int, end: int) -> int | None:
+        """The address of the first page of ``[start, end)`` in ``chunk`` that was not read."""
+        base = chunk.paddr // self.page_size
+        lo = start // self.page_size - base
+        hi = -(-end // self.page_size) - base
+        first = None
+        for run in self._desc(chunk).runs:
+            if run.fate != Fate.READ and run.start < hi and run.start + run.count > lo:
+                page = max(run.start, lo)
+                first = page if first is None else min(first, page)
+        return None if first is None else (base + first) * self.page_size
+
     def read(self, paddr: int, size: int) -> bytes:
         out = bytearray()
         while size > 0:
             chunk = self._chunk_at(paddr)
             if chunk is None:
                 raise PageNotCaptured(paddr, self.fate(paddr).fate)
-            page_end = paddr - paddr % self.page_size + self.page_size
-            fate = self._run_fate(chunk, paddr)
-            if fate.fate != Fate.READ:
-                raise PageNotCaptured(paddr - paddr % self.page_size, fate.fate, fate.errno)
-            end = min(chunk.end, page_end, paddr + size)
+            end = min(chunk.end, paddr + size)
+            # Whole runs of read pages are copied at once (the memory map is read megabytes
+            # at a time); the first page that was not read ends the run, or the read.
+            unread = self._first_unread(chunk, paddr, end)
+            if unread is not None:
+                if unread <= paddr:
+                    fate = self._run_fate(chunk, paddr)
+                    raise PageNotCaptured(paddr - paddr % self.page_size, fate.fate, fate.errno)
+                end = unread
             data = self._chunk_bytes(chunk)
-            out += data[paddr - chunk.paddr : end - chunk.paddr]
+            if not out and end - paddr == size:  # all in one piece: one copy
+                return data[paddr - chunk.paddr : end - chunk.paddr]
+            out += memoryview(data)[paddr - chunk.paddr : end - chunk.paddr]
             size -= end - paddr
             paddr = end
         return bytes(out)

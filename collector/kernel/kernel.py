@@ -265,6 +265,8 @@ class Kernel:
         while size > 0:
             paddr, run = self._map(vaddr)
             n = min(size, run)
+            if not out and n == size:  # one mapping holds it all: no copy
+                return self.memory.read(paddr, n)
             out += self.memory.read(paddr, n)
             vaddr += n
             size -= n

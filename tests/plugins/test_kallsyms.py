@@ -84,8 +84,13 @@ def test_collect_analyze_kallsyms_csv(monkeypatch: pytest.MonkeyPatch, capsys) -
     hostile = KALLSYMS + b"ffffffff9e100000 t evil\x1b[2J\n"
     the_kernel = kernel({"kallsyms": hostile, "vmcoreinfo": VMCOREINFO})
 
-    def run_analysis(image, name, options, manager):
-        return analyze_kernel(the_kernel, name, options, manager=manager, image_path=image)
+    def run_analysis(image, name, options, manager, consume=None):
+        result = analyze_kernel(
+            the_kernel, name, options, manager=manager, image_path=image, stream=bool(consume)
+        )
+        if consume is not None:
+            consume(result)
+        return result
 
     monkeypatch.setattr(cli_analysis, "run_analysis", run_analysis)
     parser = argparse.ArgumentParser(prog="collect")

@@ -124,9 +124,12 @@ def test_builtins_load_in_order_with_the_collector_version() -> None:
     assert manager.plugins == [
         PluginInfo("sysinfo", collector.__version__, "builtin"),
         PluginInfo("kallsyms", collector.__version__, "builtin"),
+        PluginInfo("pages", collector.__version__, "builtin"),
     ]
     assert [(r.analysis.name, r.plugin.name) for r in manager.analyses()] == [
+        ("buddyinfo", "pages"),
         ("kallsyms", "kallsyms"),
+        ("pages", "pages"),
         ("sysinfo", "sysinfo"),
     ]
 
@@ -146,7 +149,8 @@ def test_environment_variable_turns_entry_points_off(
 ) -> None:
     monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, value)
     names = [p.name for p in PluginManager().plugins]
-    assert names == ["sysinfo", "kallsyms", "third"] if loaded else ["sysinfo", "kallsyms"]
+    builtins = ["sysinfo", "kallsyms", "pages"]
+    assert names == ([*builtins, "third"] if loaded else builtins)
 
 
 class FakeEntryPoint:
@@ -420,8 +424,13 @@ def demo_cli(monkeypatch: pytest.MonkeyPatch):
     manager = bare_manager(demo_plugin())
     monkeypatch.setattr(cli_analysis, "PluginManager", lambda: manager)
 
-    def run_analysis(image, name, options, manager):
-        return analyze_kernel(object(), name, options, manager=manager, image_path=image)
+    def run_analysis(image, name, options, manager, consume=None):
+        result = analyze_kernel(
+            object(), name, options, manager=manager, image_path=image, stream=bool(consume)
+        )
+        if consume is not None:
+            consume(result)
+        return result
 
     monkeypatch.setattr(cli_analysis, "run_analysis", run_analysis)
 
@@ -454,13 +463,14 @@ def test_analyze_exits_1_after_printing_partial_records(monkeypatch, capsys) -> 
 
     manager = bare_manager(demo_plugin(records))
     monkeypatch.setattr(cli_analysis, "PluginManager", lambda: manager)
-    monkeypatch.setattr(
-        cli_analysis,
-        "run_analysis",
-        lambda image, name, options, manager: analyze_kernel(
-            object(), name, options, manager=manager
-        ),
-    )
+
+    def run_analysis(image, name, options, manager, consume=None):
+        result = analyze_kernel(object(), name, options, manager=manager, stream=bool(consume))
+        if consume is not None:
+            consume(result)
+        return result
+
+    monkeypatch.setattr(cli_analysis, "run_analysis", run_analysis)
     args = parse(["analyze", "img", "demo"])
     assert args.handler(args) == 1
     out, err = capsys.readouterr()
@@ -478,12 +488,14 @@ def test_plugins_lists_each_plugin_with_version_source_and_analyses(
     v = collector.__version__
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["name", "version", "source", "analysis", "summary"]
-    assert len(lines) == 5
-    assert [line.split()[:4] for line in lines[2:4]] == [
+    assert len(lines) == 7
+    assert [line.split()[:4] for line in lines[2:6]] == [
         ["sysinfo", v, "builtin", "sysinfo"],
         ["kallsyms", v, "builtin", "kallsyms"],
+        ["pages", v, "builtin", "buddyinfo"],
+        ["pages", v, "builtin", "pages"],
     ]
-    assert lines[4].split() == [
+    assert lines[6].split() == [
         "third",
         "3.1.4",
         "entry",

@@ -89,6 +89,12 @@ class Capture:
     def fact(self, name: str) -> bytes:
         return (self.facts / name).read_bytes()
 
+    @property
+    def collect_rss_anon(self) -> int:
+        """The most resident anonymous memory collect had while capturing, in bytes."""
+        kib = [int(line.split()[1]) for line in self.fact("collect-rss").decode().splitlines()]
+        return max(kib, default=0) * 1024
+
 
 def iomem_entries(text: str, name: str) -> list[tuple[int, int]]:
     """``[start, end)`` of every /proc/iomem line named ``name`` (any nesting)."""
@@ -146,7 +152,14 @@ def capture_guest(guest: Guest) -> Capture:
         f"grep btime /proc/stat > {facts}/btime"
     ).check()
     before = snapshot(guest, witness)
-    result = guest.run(f"collect --profile x86_64 -o {facts}/auto.lime.zst --json", timeout=600)
+    # While collect runs, its resident anonymous memory is sampled: the capture's own
+    # allocations, which the page tests take out of the guest's free memory.
+    sampler = Path(__file__).with_name("sample_rss.py")
+    result = guest.run(
+        f"collect --profile x86_64 -o {facts}/auto.lime.zst --json & pid=$!; "
+        f"python {sampler} $pid {facts}/collect-rss; wait $pid",
+        timeout=600,
+    )
     after = snapshot(guest, witness)
     qemu = {}
     iomem = (out / "iomem").read_text()

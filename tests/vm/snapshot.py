@@ -1,4 +1,4 @@
-"""Run inside a test guest: what the guest's /proc says about its processes, modules and CPUs.
+"""Run inside a test guest: what the guest's /proc says about its processes, modules, CPUs and memory.
 
 Standard library only, written apart from the collector, so the helpers' tests compare the
 collector's reading of a capture with the kernel's own account. Prints one JSON document.
@@ -7,9 +7,14 @@ Usage: ``python snapshot.py [PID ...]``: the PIDs whose memory maps to record as
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
+import zlib
+
+#: The /proc files the page tests compare with, read as text.
+MEMORY_FILES = ("meminfo", "buddyinfo", "zoneinfo", "pagetypeinfo", "slabinfo", "vmstat")
 
 
 def _read(path: str, mode: str = "r") -> str | bytes | None:
@@ -61,6 +66,33 @@ def process(pid: int, with_maps: bool) -> dict | None:
     return out
 
 
+def packed(path: str) -> str | None:
+    """A binary /proc file (/proc/kpageflags: 8 bytes per PFN) as base64 of its zlib stream.
+
+    Most PFNs share a few flag values, so 3 MiB of kpageflags packs into tens of KiB.
+    """
+    # kpageflags refuses reads whose size or offset is not a multiple of 8 (EINVAL), so it
+    # is read in aligned blocks rather than with read()'s growing buffer.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    pack = zlib.compressobj(6)
+    out = []
+    try:
+        while True:
+            block = os.read(fd, 1 << 16)
+            if not block:
+                break
+            out.append(pack.compress(block))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    out.append(pack.flush())
+    return base64.b64encode(b"".join(out)).decode()
+
+
 def main(argv: list[str]) -> None:
     with_maps = {int(a) for a in argv}
     processes = {}
@@ -94,6 +126,8 @@ def main(argv: list[str]) -> None:
             "cpustat": cpustat,
             "online": (online or "").strip(),
             "possible": (possible or "").strip(),
+            "memory": {name: _read(f"/proc/{name}") for name in MEMORY_FILES},
+            "kpageflags": packed("/proc/kpageflags"),
         },
         sys.stdout,
     )
