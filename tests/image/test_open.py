@@ -111,11 +111,15 @@ def test_unreadable_file(tmp_path, monkeypatch):
     path = tmp_path / "secret"
     path.write_bytes(LIME)
 
-    def refuse(*args, **kwargs):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    real_open = os.open
+
+    def refuse(name, *args, **kwargs):
+        if os.fspath(name) == str(path):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(name, *args, **kwargs)
 
     # Root reads files whatever their mode, so the refusal is simulated.
-    monkeypatch.setattr("collector.image.open.open", refuse, raising=False)
+    monkeypatch.setattr(os, "open", refuse)
     with pytest.raises(ImageError) as e:
         open_image(path)
     assert str(e.value) == f"{path}: cannot open: Permission denied"
