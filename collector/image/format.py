@@ -187,11 +187,16 @@ class Header:
                 if strict:
                     raise
                 damage, body = str(e), payload[: -_CRC.size]
-        if page_size not in (4096, 8192, 16384, 65536) or not 0 < chunk_size <= MAX_CHUNK_SIZE:
-            raise ImageError(
-                f"image header has impossible geometry: page {page_size}, chunk {chunk_size}"
-            )
-        metadata = load_json(body[_HEADER_FIXED.size :], "HEADER metadata")
+        try:
+            if page_size not in (4096, 8192, 16384, 65536) or not 0 < chunk_size <= MAX_CHUNK_SIZE:
+                raise ImageError(
+                    f"image header has impossible geometry: page {page_size}, chunk {chunk_size}"
+                )
+            metadata = load_json(body[_HEADER_FIXED.size :], "HEADER metadata")
+        except ImageError as e:
+            if damage:
+                raise RecordDamaged(f"{damage}, and cannot be read: {e}") from None
+            raise
         return cls(page_size, chunk_size, uuid, metadata, version, flags, damage)
 
 

@@ -35,6 +35,21 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
+def sniff_file(path: str | os.PathLike[str]) -> str | None:
+    """:func:`sniff` of the file at ``path``, which must be a regular file or block device.
+
+    :raises ImageError: it cannot be opened, or is a FIFO, socket, character device or
+        directory (refused at once, without waiting on a writer).
+    """
+    fd = open_regular(path, allow_block=True)
+    try:
+        return sniff(os.pread(fd, 4, 0))
+    except OSError as e:
+        raise ImageError(f"{os.fsdecode(path)}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def open_image(path: str | os.PathLike[str], fmt: str = "auto") -> PhysicalMemory:
     """Open the memory image at ``path``, choosing the reader from its first four bytes.
 

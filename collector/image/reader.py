@@ -147,6 +147,7 @@ class NativeImage:
         self.problems: list[str] = []
         self.damage: list[str] = []
         self.indexed = False
+        self._layout: dict[int, int] = {}  # frame offset -> size, from a seek table that adds up
         head = self._frame_head(0)
         if head is None or head[0] != fmt.HEADER or fmt.FRAME_HEAD.size + head[1] > self.size:
             if self.size >= 16 and self._read_at(8, 8) == fmt.MAGIC:
@@ -239,6 +240,15 @@ class NativeImage:
             raise ImageError(f"the seek table is damaged: {e}") from None
         if len(frames) < 3 or sum(c for c, _ in frames) != table_start:
             raise ImageError("the seek table is damaged: its frame sizes do not add up")
+        # The table's sizes add up: a frame walk may use them past a damaged frame header.
+        self._layout = dict(
+            zip(
+                itertools.accumulate((c for c, _ in frames), initial=0),
+                (c for c, _ in frames),
+                strict=False,
+            )
+        )
+        self._layout[table_start] = table_size
         index_offset = table_start - frames[-1][0]
         payload = self._payload(index_offset, frames[-1][0], fmt.INDEX, "INDEX record")
         rows = fmt.decode_index(payload, self.version)
@@ -291,6 +301,12 @@ class NativeImage:
                 stops.append(f"image ends inside a frame header at byte {offset}")
                 return
             magic, length = head
+            known = self._layout.get(offset)
+            if known is not None and not self._head_fits(offset, magic, length, known):
+                # The seek table (whose sizes add up) knows where the next frame starts.
+                yield _Record(offset, magic, known, error="its frame header is damaged")
+                offset += known
+                continue
             if magic == fmt.ZSTD_MAGIC:
                 size = self._zstd_frame_size(offset, stops)
                 if size is None:
@@ -319,6 +335,17 @@ class NativeImage:
                     return
             yield rec
             offset += rec.size + rec.data_size
+
+    def _head_fits(self, offset: int, magic: int, length: int, known: int) -> bool:
+        """Whether a frame header agrees with the size the seek table gives its frame."""
+        if magic == fmt.ZSTD_MAGIC:
+            return True  # its size is not in its header; the DESC before it gives it
+        if magic & 0xFFFFFFF0 != fmt.SKIPPABLE_BASE:
+            return False
+        if magic != fmt.DESC:
+            return fmt.FRAME_HEAD.size + length == known
+        # A DESC's entry covers the DESC alone; its DATA frame has an entry of its own.
+        return fmt.FRAME_HEAD.size + length == known and offset + known in self._layout
 
     def _zstd_frame_size(self, offset: int, stops: list[str]) -> int | None:
         """The size of the zstd frame at ``offset``, from its header and block headers."""
@@ -356,7 +383,9 @@ class NativeImage:
         stops: list[str] = []
         try:
             for rec in self._frames(stops):
-                if rec.magic == fmt.DESC:
+                if rec.error and rec.magic != fmt.DESC:
+                    self._damaged(f"the record at byte {rec.offset}: {rec.error}")
+                elif rec.magic == fmt.DESC:
                     if rec.desc is None:
                         self._damaged(f"the DESC at byte {rec.offset}: {rec.error}")
                         continue
@@ -423,7 +452,10 @@ class NativeImage:
                 payload = self._payload(chunk.desc_offset, chunk.desc_size, fmt.DESC, "DESC")
             except ImageError as e:
                 raise _IndexMismatch(f"INDEX row of chunk {chunk.seq}: {e}") from None
-            desc = fmt.Desc.decode(payload, self.version)
+            try:
+                desc = fmt.Desc.decode(payload, self.version)
+            except ImageError as e:
+                raise _IndexMismatch(f"the DESC of chunk {chunk.seq}: {e}") from None
             if (desc.seq, desc.paddr, desc.ram_bytes, desc.data_size) != (
                 chunk.seq,
                 chunk.paddr,
@@ -752,6 +784,9 @@ class _Verifier:
             self.chunk(rec)
             return
         self.walked.append((rec.size, 0))
+        if rec.error:
+            self.metadata(f"the record at byte {rec.offset}: {rec.error}")
+            return
         what = {fmt.BLOB: "blob record", fmt.END: "END record", fmt.INDEX: "INDEX record"}
         what[fmt.SEEK_TABLE] = "seek table"
         if rec.magic not in what:
