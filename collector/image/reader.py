@@ -250,11 +250,17 @@ class NativeImage:
         )
         self._layout[table_start] = table_size
         index_offset = table_start - frames[-1][0]
-        payload = self._payload(index_offset, frames[-1][0], fmt.INDEX, "INDEX record")
-        rows = fmt.decode_index(payload, self.version)
+        try:
+            payload = self._payload(index_offset, frames[-1][0], fmt.INDEX, "INDEX record")
+            rows = fmt.decode_index(payload, self.version)
+        except ImageError as e:
+            raise ImageError(f"the INDEX record at byte {index_offset}: {e}") from None
         end_offset = index_offset - frames[-2][0]
-        payload = self._payload(end_offset, frames[-2][0], fmt.END, "END record")
-        return frames, rows, fmt.decode_end(payload, self.version)
+        try:
+            payload = self._payload(end_offset, frames[-2][0], fmt.END, "END record")
+            return frames, rows, fmt.decode_end(payload, self.version)
+        except ImageError as e:
+            raise ImageError(f"the END record at byte {end_offset}: {e}") from None
 
     def _check_rows(self, rows: list[fmt.IndexRow], frames: list[tuple[int, int]], end: dict):
         """The INDEX must describe exactly the frames the seek table lists, in file order:
@@ -283,8 +289,33 @@ class NativeImage:
                 raise ImageError(f"{where} has unknown kind {r.kind}")
         if i != len(frames) - 2:
             raise ImageError("the seek table lists frames the INDEX does not")
+        self._check_tiling([r for r in rows if r.kind == fmt.INDEX_CHUNK])
         if "chunks" in end and end["chunks"] != seq:
             raise ImageError(f"the END record counts {end['chunks']} chunks, the INDEX {seq}")
+
+    def _check_tiling(self, rows: list[fmt.IndexRow]) -> None:
+        """Chunks, in file order, must tile the planned ranges as the writer lays them out:
+        each range from its start, chunk after chunk, ending on multiples of the chunk size
+        or at the range's end, and a range finished before the next begins."""
+        if not self._planned:
+            return
+        size = self.header.chunk_size
+        k = -1  # the planned range being tiled
+        pos = 0
+        for r in rows:
+            if k >= 0 and pos == self._planned[k][1]:
+                k += 1
+                pos = self._planned[k][0] if k < len(self._planned) else -1
+            elif k < 0:
+                k, pos = 0, self._planned[0][0]
+            if k >= len(self._planned) or r.paddr != pos:
+                raise ImageError(f"INDEX row of chunk {r.seq} names {r.paddr:#x}, not {pos:#x}")
+            end = min(self._planned[k][1], (pos // size + 1) * size)
+            if r.ram_bytes != end - pos:
+                raise ImageError(f"INDEX row of chunk {r.seq} names {r.ram_bytes} bytes")
+            pos = end
+        if k >= 0 and pos != self._planned[k][1]:
+            raise ImageError("the INDEX ends inside a planned range")
 
     def _frames(self, stops: list[str]) -> Iterator[_Record]:
         """Every frame from the start of the file, bounds-checked, a DESC with its DATA frame.
@@ -407,7 +438,9 @@ class NativeImage:
                         payload = self._payload(rec.offset, rec.size, fmt.END, "END record")
                         self.end = fmt.decode_end(payload, self.version)
                     except ImageError as e:
-                        self._damaged(f"the END record at byte {rec.offset}: {e}")
+                        message = f"the END record at byte {rec.offset}: {e}"
+                        if not any(d.startswith(message) for d in self.damage):
+                            self._damaged(message)
                 elif rec.magic in (fmt.INDEX, fmt.SEEK_TABLE):
                     end_seen = True
         except ImageError as e:
