@@ -17,7 +17,7 @@ CAPTURE_EPILOG = """\
 commands (collect COMMAND --help for each):
   plan        print the per-range plan (range, size, source, reason) without reading RAM
   info        identity, plan, ranges, page fates, hashes and blobs of an image
-  verify      check every frame checksum and the whole-stream SHA-256 of an image
+  verify      check every byte of an image (exit 0 intact, 1 RAM damaged, 3 incomplete, 4 metadata damaged)
   export      convert an image to LiME, a raw padded file or an ELF core
   translate   walk the page tables of an image for a virtual address (or a struct page)
   analyze     run an analysis plugin on an image

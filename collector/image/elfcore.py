@@ -33,9 +33,10 @@ from collector.memory import Fate, PageFate, PageNotCaptured
 
 _U64 = 1 << 64
 #: More program headers than any machine's memory map needs (one PT_LOAD per RAM range),
-#: yet more than PN_XNUM, which large cores reach. Each costs about 600 bytes here; a file
-#: claiming a million is refused rather than parsed for seconds into hundreds of MiB.
-MAX_CORE_SEGMENTS = 1 << 17
+#: and enough for a core that needs PN_XNUM. Each costs about 600 bytes and tens of
+#: microseconds per command here; a file claiming a million is refused rather than parsed
+#: for seconds into hundreds of MiB.
+MAX_CORE_SEGMENTS = 1 << 16
 #: Core files may carry PN_XNUM and program headers longer than Elf64_Phdr.
 CORE_LIMITS = PhdrLimits(pn_xnum=True, exact_phentsize=False, max_phnum=MAX_CORE_SEGMENTS)
 MAX_NOTE_BYTES = 64 << 20

@@ -253,7 +253,8 @@ def export_elf(
     A PT_NOTE with the VMCOREINFO note (name "VMCOREINFO", type 0) comes first when
     ``vmcoreinfo`` is given, then one PT_LOAD per range with ``p_paddr`` = the physical
     address and ``p_vaddr`` = ``page_offset_base + p_paddr`` (0 when the base is unknown).
-    Each segment's file offset is congruent to its address modulo the page size.
+    Each segment of a page or more has a file offset congruent to its address modulo the
+    page size.
     """
     summary = ExportSummary()
     spans = _checked_ranges(memory, summary)
@@ -271,7 +272,10 @@ def export_elf(
         phdrs.append(Elf64_Phdr.pack(PT_NOTE, 0, note_off, 0, 0, len(note), len(note), 0))
     layout: list[int] = []
     for start, end in spans:
-        offset += (start - offset) % page  # pad so that offset = start (mod page)
+        if end - start >= page:
+            # Pad so that offset = start (mod page) and the segment can be mapped; not for
+            # segments shorter than a page, so padding never outweighs the data exported.
+            offset += (start - offset) % page
         layout.append(offset)
         vaddr = (page_offset_base + start) % _U64 if page_offset_base is not None else 0
         phdrs.append(
