@@ -156,6 +156,8 @@ class NativeImage:
                     "the records after it cannot be located"
                 )
             raise ImageError(f"{self.path}: not a collector image (no header record)")
+        if head[1] > fmt.MAX_SKIPPABLE_PAYLOAD:
+            raise ImageError(f"{self.path}: the HEADER record claims {head[1]} bytes")
         self._header_size = fmt.FRAME_HEAD.size + head[1]
         try:
             self.header = fmt.Header.decode(self._read_at(8, head[1]), strict=False)
@@ -166,7 +168,10 @@ class NativeImage:
         self.version = self.header.version
         self.page_size = self.header.page_size
         self.metadata = self.header.metadata
-        self._planned = _planned_ranges(self.metadata.get("ranges", []))
+        try:
+            self._planned = _planned_ranges(self.metadata.get("ranges", []))
+        except ImageError as e:
+            raise ImageError(f"{self.path}: {e}") from None
         if not self._load_index():
             self._scan()
         self._settle()
