@@ -756,6 +756,9 @@ class _Verifier:
         self.last_end = -1
         self.end: dict | None = None
         self.after_end = False
+        #: DESCs that could not be decoded: the walk then lacks their chunks, and comparing
+        #: the INDEX, seek table and END hashes with it would only repeat that damage.
+        self.lost = 0
         self.table_seen = False
 
     def ram(self, message: str) -> None:
@@ -804,6 +807,8 @@ class _Verifier:
             why = self.end.get("stopped_by") if self.end else None
             if why:
                 r.incomplete.append(f"the capture was {why}")
+            elif r.ram_errors and not r.incomplete:
+                r.incomplete.append("ranges whose chunks are damaged are missing")
             elif not r.incomplete:
                 r.incomplete.append("the image does not hold every range its header announces")
         elif self.end is not None and self.end.get("clean") is False:
@@ -856,6 +861,8 @@ class _Verifier:
         d = rec.desc
         if d is None:
             self.ram(f"the DESC at byte {rec.offset}: {rec.error}")
+            self.lost += 1
+            self.seq += 1  # the chunk it described; the next one follows it
             return
         where = f"chunk {d.seq} at {d.paddr:#x}"
         if d.seq != self.seq:
@@ -903,7 +910,7 @@ class _Verifier:
         except ImageError as e:
             self.metadata(f"the INDEX record at byte {rec.offset}: {e}")
             return
-        if rows != self.rows:
+        if rows != self.rows and not self.lost:
             n = next(
                 (i for i, (a, b) in enumerate(zip(rows, self.rows, strict=False)) if a != b),
                 min(len(rows), len(self.rows)),
@@ -922,7 +929,7 @@ class _Verifier:
         except ImageError as e:
             self.metadata(f"the seek table at byte {rec.offset}: {e}")
             return
-        if entries != self.walked:
+        if entries != self.walked and not self.lost:
             n = next(
                 (i for i, (a, b) in enumerate(zip(entries, self.walked, strict=False)) if a != b),
                 min(len(entries), len(self.walked)),
@@ -933,7 +940,7 @@ class _Verifier:
 
     def check_end(self) -> None:
         end, r = self.end, self.r
-        if end is None:
+        if end is None or self.lost:
             return
         if end.get("chunks") != r.chunks:
             self.ram(

@@ -447,7 +447,10 @@ def test_capture_killed_with_sigkill_is_readable_up_to_its_last_chunk(
 
     rc, report = verify(image)
     assert (rc, report["status"], report["errors"]) == (3, "incomplete", [])
-    assert report["incomplete"][0].startswith("the image is cut short (")
+    if stop == image.stat().st_size:  # killed between two frames
+        assert report["incomplete"] == ["the image ends without its END record (cut short)"]
+    else:
+        assert report["incomplete"][0].startswith("the image is cut short (")
     assert [tuple(m) for m in report["missing"]] == subtract(ram, cut)
     text = host_collect("verify", str(image))
     assert text.returncode == 3
