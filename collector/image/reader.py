@@ -31,7 +31,7 @@ from collector.memory import Fate, FateRun, PageFate, PageNotCaptured
 
 _CACHE_CHUNKS = 8
 #: zstd's largest block (128 KiB) means a DATA frame of a 64 MiB chunk has about 512 blocks.
-_MAX_BLOCKS = 1 << 16
+_MAX_BLOCKS = 1 << 10
 _ZSTD_MAX_BLOCK = 128 << 10
 _MAX_DESC_PAYLOAD = 64 + 11 * fmt.MAX_RUNS_PER_CHUNK
 #: Damage listed one by one; beyond this it is only counted.
@@ -330,6 +330,7 @@ class NativeImage:
         block headers and yielded on its own, so one damaged DESC does not hide the rest.
         """
         offset = 0
+        after_bad_desc = False
         while offset < self.size:
             head = self._frame_head(offset)
             if head is None:
@@ -340,9 +341,15 @@ class NativeImage:
             if known is not None and not self._head_fits(offset, magic, length, known):
                 # The seek table (whose sizes add up) knows where the next frame starts.
                 yield _Record(offset, magic, known, error="its frame header is damaged")
+                after_bad_desc = True  # it may have been a DESC, and a DATA frame may follow
                 offset += known
                 continue
             if magic == fmt.ZSTD_MAGIC:
+                # Only where a DESC that could not be decoded leaves its DATA frame unsized;
+                # a DATA frame anywhere else has no place in the layout.
+                if not after_bad_desc:
+                    raise _NotAFrame(f"a DATA frame at byte {offset} follows no DESC")
+                after_bad_desc = False
                 size = self._zstd_frame_size(offset, stops)
                 if size is None:
                     return
@@ -368,6 +375,7 @@ class NativeImage:
                         f"image is cut short inside chunk {rec.desc.seq} at {rec.desc.paddr:#x}"
                     )
                     return
+            after_bad_desc = magic == fmt.DESC and rec.desc is None
             yield rec
             offset += rec.size + rec.data_size
 
@@ -394,11 +402,15 @@ class NativeImage:
             raise _NotAFrame(f"the zstd frame at byte {offset} has reserved bits set")
         pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3]
         pos += ((1 if single else 0), 2, 4, 8)[fhd >> 6]
+        window, base = b"", 0  # block headers are read 64 KiB at a time
         for _ in range(_MAX_BLOCKS):
             if offset + pos + 3 > self.size:
                 stops.append(f"image ends inside a DATA frame at byte {offset}")
                 return None
-            block = int.from_bytes(self._read_at(offset + pos, 3), "little")
+            if not base <= pos <= base + len(window) - 3:
+                base = pos
+                window = self._read_at(offset + pos, min(64 << 10, self.size - offset - pos))
+            block = int.from_bytes(window[pos - base : pos - base + 3], "little")
             kind, size = block >> 1 & 3, block >> 3
             if kind == 3 or size > _ZSTD_MAX_BLOCK:
                 raise _NotAFrame(f"the zstd frame at byte {offset} has a damaged block header")

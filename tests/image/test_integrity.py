@@ -438,3 +438,33 @@ def test_version_1_index_damage_is_read_around(tmp_path: Path) -> None:
             "the image was read by a frame scan instead"
         ]
         assert img.verify().status == 4
+
+
+def test_a_damaged_desc_hides_its_own_chunk_only(tmp_path: Path, image) -> None:
+    """In a cut image (read by a scan), the DATA frame after a DESC that fails its CRC is
+    stepped over by its zstd block headers, and every later chunk is still read."""
+    data = image.read_bytes()
+    layout = frames(data)
+    end_offset = next(f[0] for f in layout if f[1] == END)
+    descs = [f for f in layout if f[1] == DESC]
+    victim = descs[3]  # the chunk at 0x100000 + CHUNK
+    mutated = bytearray(data[:end_offset])  # cut before the END: no index to lean on
+    mutated[victim[0] + 8 + 6] ^= 0x20  # a bit of its address
+    bad = tmp_path / "bad.lime.zst"
+    bad.write_bytes(mutated)
+    with NativeImage(bad) as img:
+        assert not img.indexed
+        assert img.damage == [
+            f"the DESC at byte {victim[0]}: chunk descriptor does not match its checksum"
+        ]
+        high = ram()[0x100000]
+        assert img.read(0x100000, CHUNK) == high[:CHUNK]
+        assert img.read(0x100000 + 2 * CHUNK, 2 * CHUNK) == high[2 * CHUNK :]
+        with pytest.raises(PageNotCaptured):
+            img.read(0x100000 + CHUNK, 1)
+        assert img.missing_ranges() == [(0x100000 + CHUNK, 0x100000 + 2 * CHUNK)]
+        report = img.verify()
+    assert report.status == 1 and report.chunks == 5
+    assert report.ram_errors == [
+        f"the DESC at byte {victim[0]}: chunk descriptor does not match its checksum"
+    ]
