@@ -12,6 +12,8 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
+import xxhash
+
 from collector.errors import ImageError
 from collector.image.lime import LIME_HEADER_SIZE
 from collector.memory import Fate, FateRun
@@ -36,7 +38,7 @@ DESC_FLAG_LIME_HEADER = 1
 FRAME_HEAD = struct.Struct("<II")  # skippable magic, payload length
 _HEADER_FIXED = struct.Struct("<8sHHII16s")
 _DESC_FIXED_V1 = struct.Struct("<IQIIBQI")
-_DESC_FIXED_V2 = struct.Struct("<IQIIBQII")  # version 1's fields, then the DATA frame's CRC
+_DESC_FIXED_V2 = struct.Struct("<IQIIBQIQ")  # version 1's fields, then the DATA frame's hash
 _CRC = struct.Struct("<I")
 _MAGIC = struct.Struct("<I")
 _RUN = struct.Struct("<IIBh")
@@ -108,9 +110,14 @@ def _decode(magic: int, payload: bytes, version: int, what: str) -> bytes:
     return unseal(magic, payload, what) if version >= 2 else payload
 
 
-def data_crc(frame: bytes | memoryview) -> int:
-    """The checksum a version 2 DESC records for its DATA frame: CRC-32 of the frame's bytes."""
-    return zlib.crc32(frame)
+def data_hash(frame: bytes | memoryview) -> int:
+    """The hash a version 2 DESC records for its DATA frame: XXH3-64 of the frame's bytes.
+
+    XXH3 rather than CRC-32 because it covers every compressed byte of the RAM: at about
+    20 GB/s against zlib's 3.5 here, it costs the capture a few tenths of a percent where
+    CRC-32 cost about 3 %. ``xxhsum -H3`` computes it too.
+    """
+    return xxhash.xxh3_64_intdigest(frame)
 
 
 def load_json(data: bytes, what: str) -> dict:
@@ -205,8 +212,8 @@ class Desc:
     """Describes the DATA frame that follows it: where its RAM lives and each page's fate.
 
     ``runs`` lists only pages whose fate is not READ; ``FateRun.start`` is a page index
-    within the chunk (page 0 holds ``paddr``). ``data_crc`` (version 2) is the
-    :func:`data_crc` of the DATA frame, which ties the frame to this position.
+    within the chunk (page 0 holds ``paddr``). ``data_hash`` (version 2) is the
+    :func:`data_hash` of the DATA frame, which ties the frame to this position.
     """
 
     seq: int
@@ -216,7 +223,7 @@ class Desc:
     flags: int
     time_ns: int
     runs: list[FateRun] = field(default_factory=list)
-    data_crc: int | None = None
+    data_hash: int | None = None
 
     @property
     def has_lime_header(self) -> bool:
@@ -238,7 +245,7 @@ class Desc:
             len(self.runs),
         )
         if version >= 2:
-            fixed = _DESC_FIXED_V2.pack(*fields, self.data_crc or 0)
+            fixed = _DESC_FIXED_V2.pack(*fields, self.data_hash or 0)
         else:
             fixed = _DESC_FIXED_V1.pack(*fields)
         parts = [fixed]

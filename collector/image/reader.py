@@ -522,8 +522,8 @@ class NativeImage:
         :raises ImageError: what does not match.
         """
         frame = self._read_at(data_offset, desc.data_size)
-        if desc.data_crc is not None and fmt.data_crc(frame) != desc.data_crc:
-            raise ImageError("its DATA frame does not match the checksum its DESC records")
+        if desc.data_hash is not None and fmt.data_hash(frame) != desc.data_hash:
+            raise ImageError("its DATA frame does not match the hash its DESC records")
         data = self._decompress(frame, desc.stream_bytes)
         if desc.has_lime_header:
             magic, version, start, end, _ = LIME_HEADER.unpack_from(data)

@@ -2,8 +2,8 @@
 
 Memory stays bounded by the in-flight window (a few chunks per worker), whatever the RAM
 size. Nothing is ever sought back, so the output can be a pipe or a socket. Every record is
-sealed with a CRC-32, each DESC carries the CRC-32 of its DATA frame (computed by the worker
-that compressed it, while the frame is still in its cache), and END holds a SHA-256 of every
+sealed with a CRC-32, each DESC carries the XXH3-64 hash of its DATA frame (computed by the
+worker that compressed it, while the frame is still in its cache), and END holds a SHA-256 of every
 record before it that is not RAM, so each byte of the image is covered by some check.
 """
 
@@ -33,7 +33,7 @@ class OutputError(OSError):
 @dataclass
 class _Pending:
     desc: fmt.Desc
-    compressed: Future[tuple[bytes, int]]  # the DATA frame and its CRC-32
+    compressed: Future[tuple[bytes, int]]  # the DATA frame and its hash
     hashed: Future[None]
 
 
@@ -102,7 +102,7 @@ class ImageWriter:
 
     def _compress_data(self, data: bytes) -> tuple[bytes, int]:
         frame = self._compressor().compress(data)
-        return frame, fmt.data_crc(frame)
+        return frame, fmt.data_hash(frame)
 
     def _write_record(self, frame: bytes) -> int:
         """Write a record that END's metadata hash covers (HEADER, BLOB, DESC)."""
@@ -213,10 +213,10 @@ class ImageWriter:
 
     def _drain_one(self) -> None:
         p = self._window.popleft()
-        frame, crc = p.compressed.result()
+        frame, digest = p.compressed.result()
         p.hashed.result()
         p.desc.data_size = len(frame)
-        p.desc.data_crc = crc
+        p.desc.data_hash = digest
         desc_frame = p.desc.encode()
         offset = self._write_record(desc_frame)
         self._write(frame, p.desc.stream_bytes)

@@ -17,6 +17,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from collector.cli import main
 from collector.errors import ImageError
@@ -154,14 +155,14 @@ def test_intact_image_verifies_with_every_check(image: Path, capsys) -> None:
         if magic == END:
             end = json.loads(data[offset + 8 : offset + size - 4])
             assert end["metadata_sha256"] == meta.hexdigest()
-    # Each DESC ends with its DATA frame's CRC-32 after the run list, then its own CRC.
+    # Each DESC holds its DATA frame's XXH3-64 before the run list, and ends with its CRC.
     for (offset, magic, size), (d_off, _, d_size) in itertools.pairwise(frames(data)):
         if magic == DESC:
-            # seq u32, paddr u64, RAM u32, DATA size u32, flags u8, ns u64, runs u32, CRC u32
+            # seq u32, paddr u64, RAM u32, DATA size u32, flags u8, ns u64, runs u32, hash u64
             nruns = struct.unpack_from("<I", data, offset + 8 + 29)[0]
-            (data_crc,) = struct.unpack_from("<I", data, offset + 8 + 33)
-            assert size == 8 + 37 + 11 * nruns + 4
-            assert data_crc == zlib.crc32(data[d_off : d_off + d_size])
+            (data_hash,) = struct.unpack_from("<Q", data, offset + 8 + 33)
+            assert size == 8 + 41 + 11 * nruns + 4
+            assert data_hash == xxhash.xxh3_64_intdigest(data[d_off : d_off + d_size])
             payload = data[offset + 8 : offset + size]
             assert reseal(payload, DESC) == payload
 
@@ -248,7 +249,7 @@ def test_a_kernel_zero_page_cannot_be_turned_into_read(tmp_path: Path, image) ->
     data = bytearray(image.read_bytes())
     offset, _, _ = next(f for f in frames(bytes(data)) if f[1] == DESC)
     # The first DESC (chunk at 0x1000) has one run: u32 first, u32 count, u8 fate, i16 errno.
-    fate_at = offset + 8 + 37 + 8
+    fate_at = offset + 8 + 41 + 8
     assert data[fate_at] == Fate.KERNEL_ZERO
     data[fate_at] = Fate.READ
     bad = tmp_path / "bad.lime.zst"
@@ -319,7 +320,7 @@ def test_swapped_data_frames_are_never_served(tmp_path: Path, image) -> None:
     bad.write_bytes(mutated)
     with NativeImage(bad) as img:
         for paddr in (0x100000 + CHUNK, 0x100000 + 2 * CHUNK):
-            with pytest.raises(ImageError, match="does not match the checksum its DESC records"):
+            with pytest.raises(ImageError, match="does not match the hash its DESC records"):
                 img.read(paddr, 16)
         assert img.read(0x100000, CHUNK) == ram()[0x100000][:CHUNK]
         assert img.verify().status == 1
