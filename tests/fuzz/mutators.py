@@ -137,13 +137,21 @@ def flip_bits(data: bytes, draw: Draw) -> bytes:
 
 
 def flip_in_record(data: bytes, draw: Draw) -> bytes:
-    """One bit in one record that is not RAM, resealed or not."""
+    """One bit in one record that is not RAM."""
     records = [f for f in frames(data) if f[1] != ZSTD]
     offset, _, size = draw(st.sampled_from(records))
     out = bytearray(data)
     out[offset + draw(st.integers(0, size - 1))] ^= 1 << draw(st.integers(0, 7))
-    if draw(st.booleans()):
-        reseal(out, offset, size)
+    return bytes(out)
+
+
+def forge_record(data: bytes, draw: Draw) -> bytes:
+    """One bit in one record that is not RAM, resealed: a forgery past the record's CRC."""
+    records = [f for f in frames(data) if f[1] != ZSTD]
+    offset, _, size = draw(st.sampled_from(records))
+    out = bytearray(data)
+    out[offset + 8 + draw(st.integers(0, max(0, size - 13)))] ^= 1 << draw(st.integers(0, 7))
+    reseal(out, offset, size)
     return bytes(out)
 
 
@@ -241,9 +249,15 @@ NATIVE_MUTATORS = [
     flip_in_record,
     truncate,
     rearrange_frames,
+    forge_record,
     absurd_field,
     hostile_json,
 ]
+#: Mutators that reseal what they change. Checksums find damage, not forgery: a forged DESC
+#: can claim another fate for a page and still pass its CRC (only END's metadata hash, which
+#: verify checks, then tells). For these, every command must still end in a report or one
+#: clear line, but the pages served are not compared with the RAM written.
+FORGERIES = (forge_record, absurd_field, hostile_json)
 
 
 # -- LiME and ELF --------------------------------------------------------------------------------

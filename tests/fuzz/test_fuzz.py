@@ -10,9 +10,10 @@ it through the command-line entry point, in this process. What each must do:
 - finish within :data:`SECONDS`, the process's peak memory never growing by more than
   :data:`MAX_MEMORY`;
 - write no export larger than what the input holds plus its headers;
-- for native images, serve every page either as the bytes written or not at all.
+- for native images damaged (not forged), serve every page either as the bytes written or
+  not at all.
 
-CI runs a few hundred examples. The long run is ``python -m tests.fuzz --examples 50000``
+CI runs 540 fixed examples. The long run is ``python -m tests.fuzz --examples 50000``
 (or ``COLLECTOR_FUZZ_EXAMPLES=50000 python -m pytest tests/fuzz``).
 """
 
@@ -113,8 +114,11 @@ def run_commands(path: Path, out: Path, held: int) -> None:
         if argv[0] == "export" and out.exists():
             # The data held, at most as much again in ELF alignment (only segments of a page
             # or more are aligned), and a LiME header or program header per range; every
-            # range takes at least 32 bytes of the input.
-            assert out.stat().st_size <= 2 * held + 64 * (held // 32 + 2) + (1 << 20), argv
+            # range takes at least 32 bytes of the input. A raw file's gaps are holes: what
+            # counts there is what the file system allocated.
+            st = out.stat()
+            written = st.st_blocks * 512 if argv[3] == "raw" else st.st_size
+            assert written <= 2 * held + 64 * (held // 32 + 2) + (1 << 20), (argv, written)
             out.unlink()
 
 
@@ -151,7 +155,7 @@ def fuzz_one(
     path = tmp_path / f"fuzzed.{kind}"
     path.write_bytes(data)
     with bounded(f"opening {kind}"):
-        if kind == "native":
+        if kind == "native" and mutate not in mutators.FORGERIES:
             check_native_pages(path)
     # A native image holds at most the RAM written (its chunks cannot grow and pass their
     # checks); a LiME file or ELF core at most its own size.
@@ -159,21 +163,21 @@ def fuzz_one(
     run_commands(path, tmp_path / "out", held=held)
 
 
-@fuzz_settings(60)
+@fuzz_settings(300)
 @given(st.data())
 def test_hostile_native_images(tmp_path: Path, data: st.DataObject) -> None:
     mutate = data.draw(st.sampled_from(mutators.NATIVE_MUTATORS))
     fuzz_one(tmp_path, "native", mutate, data.draw)
 
 
-@fuzz_settings(25)
+@fuzz_settings(120)
 @given(st.data())
 def test_hostile_lime_files(tmp_path: Path, data: st.DataObject) -> None:
     mutate = data.draw(st.sampled_from(mutators.LIME_MUTATORS))
     fuzz_one(tmp_path, "lime", mutate, data.draw)
 
 
-@fuzz_settings(25)
+@fuzz_settings(120)
 @given(st.data())
 def test_hostile_elf_cores(tmp_path: Path, data: st.DataObject) -> None:
     mutate = data.draw(st.sampled_from(mutators.ELF_MUTATORS))
