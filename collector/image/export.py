@@ -38,6 +38,7 @@ from collector.memory import Fate, PageNotCaptured, PhysicalMemory
 
 DEFAULT_CHUNK = 1 << 20
 _U64 = 1 << 64
+_MAX_FILE_OFFSET = (1 << 63) - 1  # off_t
 
 
 @dataclass
@@ -212,6 +213,11 @@ def export_raw(
             return export_raw(memory, f, chunk_size)
     summary = ExportSummary()
     spans = _checked_ranges(memory, summary)
+    if spans and spans[-1][1] > _MAX_FILE_OFFSET:
+        raise ImageError(
+            f"memory at {spans[-1][0]:#x}-{spans[-1][1] - 1:#x} lies beyond the largest offset "
+            "a raw file can have (2^63 - 1); export it as LiME or ELF instead"
+        )
     try:
         file_end = 0
         for start, end in spans:

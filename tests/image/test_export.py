@@ -231,3 +231,14 @@ def test_write_failure_is_one_line():
     with pytest.raises(CollectorError) as e:
         export_lime(memory(), FullDisk())
     assert str(e.value) == "out.lime: write failed: No space left on device"
+
+
+def test_raw_export_refuses_addresses_beyond_any_file_offset(tmp_path):
+    # An ELF segment whose p_paddr is 2^63: a raw file cannot put a byte there.
+    mem = SparseMemory({1 << 63: b"\x01" * 16})
+    with pytest.raises(CollectorError) as e:
+        export_raw(mem, tmp_path / "out.raw")
+    assert str(e.value) == (
+        "memory at 0x8000000000000000-0x800000000000000f lies beyond the largest offset a raw "
+        "file can have (2^63 - 1); export it as LiME or ELF instead"
+    )
