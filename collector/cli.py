@@ -18,7 +18,7 @@ CAPTURE_EPILOG = """\
 commands (collect COMMAND --help for each):
   plan        print the per-range plan (range, size, source, reason) without reading RAM
   info        identity, plan, ranges, page fates, hashes and blobs of an image
-  verify      check every frame checksum and the whole-stream SHA-256 of an image
+  verify      check every byte of an image (exit 0 intact, 1 RAM damaged, 3 incomplete, 4 metadata damaged)
   export      convert an image to LiME, a raw padded file or an ELF core
   translate   walk the page tables of an image for a virtual address (or a struct page)
   analyze     run an analysis plugin on an image
@@ -308,40 +308,76 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True, default=str))
         return 0
-    from collector.image.info import format_info
+    from collector.image.info import escape_text, format_info
 
-    print(format_info(info))
+    print(escape_text(format_info(info), keep_newlines=True))
     return 0
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    from collector.image.reader import NativeImage
+VERIFY_EPILOG = """\
+exit status:
+  0  intact: every record, chunk and hash checks, and every range the image announces is there
+  1  RAM damaged: a chunk, its descriptor, their order or the stream hash does not check
+     (also: the file is no image, or its HEADER cannot be read)
+  2  usage error
+  3  incomplete: what is there checks, but RAM the image announced is missing (cut short,
+     capture stopped by a signal or a full disk); the reason and the ranges are printed
+  4  damaged metadata, RAM intact: a HEADER, blob, END, INDEX or seek-table record is damaged
+     but every chunk checks against its descriptor
+The first that applies, in the order 1, 4, 3.
+"""
 
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from collector.image.info import escape_text
+    from collector.image.open import sniff_file
+    from collector.image.reader import STATUS_WORDS, NativeImage
+
+    kind = sniff_file(args.image)
+    if kind not in ("native", None):
+        raise CollectorError(
+            f"{args.image}: is an {kind.upper()} file, which carries no checksums to verify; "
+            "`collect info` lists its ranges and what is missing"
+            if kind == "elf"
+            else f"{args.image}: is a {'LiME' if kind == 'lime' else kind} file, which carries "
+            "no checksums to verify; `collect info` lists its ranges and what is missing"
+        )
     with NativeImage(args.image) as img:
         report = img.verify()
-    status = 1 if report.errors else (0 if report.complete else 3)
+        damage = list(img.damage)
+    status = report.status
     doc = {
         "image": args.image,
-        "status": {0: "intact", 1: "damaged", 3: "truncated"}[status],
+        "status": STATUS_WORDS[status],
+        "format_version": report.version,
         "chunks": report.chunks,
         "stream_bytes": report.stream_bytes,
         "stream_sha256": report.stream_sha256,
         "blobs": report.blobs,
         "errors": report.errors,
+        "ram_errors": report.ram_errors,
+        "metadata_errors": report.metadata_errors,
+        "incomplete": report.incomplete,
         "problems": report.problems,
         "missing": [[s, e] for s, e in report.missing],
+        "read_around": damage,
+        "lacks": report.lacks,
     }
     if args.json:
         print(json.dumps(doc, indent=2))
         return status
-    print(f"{args.image}: {doc['status']}: {report.chunks} chunks, {report.stream_bytes} bytes")
-    print(f"stream sha256: {report.stream_sha256}")
-    for e in report.errors:
-        print(f"error: {e}")
-    for p in report.problems:
-        print(f"cut short: {p}")
-    for s, e in report.missing:
-        print(f"missing: {s:#x}-{e - 1:#x} ({_human(e - s)})")
+    out = [
+        f"{args.image}: {doc['status']}: {report.chunks} chunks, {report.stream_bytes} bytes",
+        f"stream sha256: {report.stream_sha256}",
+    ]
+    out += [f"damaged RAM: {e}" for e in report.ram_errors]
+    out += [f"damaged metadata: {e}" for e in report.metadata_errors]
+    out += [f"incomplete: {why}" for why in report.incomplete]
+    out += [f"missing: {s:#x}-{e - 1:#x} ({_human(e - s)})" for s, e in report.missing]
+    if report.lacks:
+        out.append(f"format version {report.version} lacks these guarantees:")
+        out += [f"  - {text}" for text in report.lacks]
+    print("\n".join(escape_text(line) for line in out))
     return status
 
 
@@ -462,7 +498,13 @@ def command_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
 
     p = sub.add_parser(
         "verify",
-        help="check an image: exit 0 intact, 1 damaged, 3 truncated (intact up to the cut)",
+        help="check every byte of an image: exit 0 intact, 1 RAM damaged, 3 incomplete, "
+        "4 damaged metadata with the RAM intact",
+        description="Walk every frame of an image and check each record's checksum, each "
+        "chunk against its descriptor, the order of the chunks, the blobs the header "
+        "announces, the END record's hashes, the INDEX and the seek table.",
+        epilog=VERIFY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("image")
     p.add_argument("--json", action="store_true")
@@ -518,7 +560,9 @@ def main(argv: list[str] | None = None) -> int:
         args = capture_parser().parse_args(argv)
         return cmd_capture(args, argv)
     except CollectorError as e:
-        print(f"collect: {e}", file=sys.stderr)
+        from collector.image.info import escape_text
+
+        print(f"collect: {escape_text(str(e))}", file=sys.stderr)
         return e.exit_code
     except Interrupted as e:
         print(f"collect: {e}", file=sys.stderr)

@@ -1,8 +1,12 @@
 """Export any physical memory to the formats other tools read: LiME, padded raw, ELF core.
 
-None of these formats can say that a page was not captured, so such pages are written as
-zeros and counted in the returned :class:`ExportSummary`, for the caller to warn about.
-Data is streamed in bounded chunks; memory use does not grow with the size of RAM.
+None of these formats can say that a page was not captured, so pages the image holds a
+record of but not the contents (unreadable, excluded...) are written as zeros and counted in
+the returned :class:`ExportSummary`, for the caller to warn about. RAM the image announces
+but does not hold at all (a cut file's tail, a range a header claims beyond the file) is left
+out rather than zero-filled, so an export never writes more than the image holds: a LiME
+file or ELF core gets one range per stretch the image holds, a raw file keeps the gap as a
+hole. Data is streamed in bounded chunks; memory use does not grow with the size of RAM.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from collector.memory import Fate, PageNotCaptured, PhysicalMemory
 
 DEFAULT_CHUNK = 1 << 20
 _U64 = 1 << 64
+_MAX_FILE_OFFSET = (1 << 63) - 1  # off_t
 
 
 @dataclass
@@ -44,36 +49,73 @@ class ExportSummary:
     :param bytes: RAM bytes written (real data and zero fill; headers not counted).
     :param zero_filled: pages written as zeros because the source lacks them, by fate.
     :param zero_bytes: bytes of that zero fill.
+    :param left_out: bytes of announced ranges the image does not hold, not written.
     """
 
     ranges: int = 0
     bytes: int = 0
     zero_filled: dict[Fate, int] = field(default_factory=dict)
     zero_bytes: int = 0
+    left_out: int = 0
 
     @property
     def pages_not_captured(self) -> int:
         return sum(self.zero_filled.values())
 
     def warning(self) -> str | None:
-        """One line for the user when pages were zero-filled, else None."""
-        if not self.zero_filled:
-            return None
-        detail = ", ".join(
-            f"{n} {fate.label}"
-            for fate, n in sorted(self.zero_filled.items(), key=lambda kv: kv[0])
-        )
-        n = self.pages_not_captured
-        pages = "1 page was" if n == 1 else f"{n} pages were"
-        return f"{pages} not captured and written as zeros ({detail})"
+        """One line for the user when pages were zero-filled or left out, else None."""
+        parts = []
+        if self.zero_filled:
+            detail = ", ".join(
+                f"{n} {fate.label}"
+                for fate, n in sorted(self.zero_filled.items(), key=lambda kv: kv[0])
+            )
+            n = self.pages_not_captured
+            pages = "1 page was" if n == 1 else f"{n} pages were"
+            parts.append(f"{pages} not captured and written as zeros ({detail})")
+        if self.left_out:
+            parts.append(
+                f"{self.left_out} bytes of announced RAM the image does not hold were left out"
+            )
+        return "; ".join(parts) or None
 
 
-def _checked_ranges(memory: PhysicalMemory) -> list[tuple[int, int]]:
+def _checked_ranges(
+    memory: PhysicalMemory, summary: ExportSummary | None = None
+) -> list[tuple[int, int]]:
+    """The stretches to export: the ranges, less what the image does not hold at all."""
     spans = sorted((s, e) for s, e in memory.ranges() if e > s)
     for (_, end), (start, _) in itertools.pairwise(spans):
         if start < end:
             raise ImageError(f"memory ranges overlap at {start:#x}; cannot export")
-    return spans
+    held = _held(memory)
+    if held is None:
+        return spans
+    out = []
+    i = 0
+    for start, end in spans:  # both sorted: one pass over each
+        while i < len(held) and held[i][1] <= start:
+            i += 1
+        j = i
+        while j < len(held) and held[j][0] < end:
+            lo, hi = max(start, held[j][0]), min(end, held[j][1])
+            if lo < hi:
+                out.append((lo, hi))
+            j += 1
+    if summary is not None:
+        summary.left_out = sum(e - s for s, e in spans) - sum(e - s for s, e in out)
+    return out
+
+
+def _held(memory: PhysicalMemory) -> list[tuple[int, int]] | None:
+    """The stretches whose pages the image holds (data, or a record of why not), or None
+    when the reader cannot tell. A native image holds its chunks; a file-backed image the
+    bytes its file really has."""
+    for name in ("captured_ranges", "readable_ranges"):
+        method = getattr(memory, name, None)
+        if callable(method):
+            return sorted(method())
+    return None
 
 
 def _chunks(
@@ -140,9 +182,10 @@ def export_lime(
 ) -> ExportSummary:
     """Write ``memory`` as a LiME file (one header per range) to a stream, front to back."""
     summary = ExportSummary()
+    spans = _checked_ranges(memory, summary)
     zeros = memoryview(bytes(max(chunk_size, memory.page_size)))
     try:
-        for start, end in _checked_ranges(memory):
+        for start, end in spans:
             out_fileobj.write(write_lime_header(start, end - 1))
             for _addr, data, length in _chunks(memory, start, end, chunk_size, summary):
                 out_fileobj.write(zeros[:length] if data is None else data)
@@ -169,9 +212,15 @@ def export_raw(
         with open(out, "wb") as f:
             return export_raw(memory, f, chunk_size)
     summary = ExportSummary()
+    spans = _checked_ranges(memory, summary)
+    if spans and spans[-1][1] > _MAX_FILE_OFFSET:
+        raise ImageError(
+            f"memory at {spans[-1][0]:#x}-{spans[-1][1] - 1:#x} lies beyond the largest offset "
+            "a raw file can have (2^63 - 1); export it as LiME or ELF instead"
+        )
     try:
         file_end = 0
-        for start, end in _checked_ranges(memory):
+        for start, end in spans:
             for addr, data, length in _chunks(memory, start, end, chunk_size, summary):
                 if data is not None and data.count(0) != length:
                     out.seek(addr)
@@ -210,9 +259,11 @@ def export_elf(
     A PT_NOTE with the VMCOREINFO note (name "VMCOREINFO", type 0) comes first when
     ``vmcoreinfo`` is given, then one PT_LOAD per range with ``p_paddr`` = the physical
     address and ``p_vaddr`` = ``page_offset_base + p_paddr`` (0 when the base is unknown).
-    Each segment's file offset is congruent to its address modulo the page size.
+    Each segment of a page or more has a file offset congruent to its address modulo the
+    page size.
     """
-    spans = _checked_ranges(memory)
+    summary = ExportSummary()
+    spans = _checked_ranges(memory, summary)
     page = memory.page_size if memory.page_size > 0 else 4096
     note = _vmcoreinfo_note(vmcoreinfo) if vmcoreinfo is not None else b""
     phnum = len(spans) + (1 if note else 0)
@@ -227,7 +278,10 @@ def export_elf(
         phdrs.append(Elf64_Phdr.pack(PT_NOTE, 0, note_off, 0, 0, len(note), len(note), 0))
     layout: list[int] = []
     for start, end in spans:
-        offset += (start - offset) % page  # pad so that offset = start (mod page)
+        if end - start >= page:
+            # Pad so that offset = start (mod page) and the segment can be mapped; not for
+            # segments shorter than a page, so padding never outweighs the data exported.
+            offset += (start - offset) % page
         layout.append(offset)
         vaddr = (page_offset_base + start) % _U64 if page_offset_base is not None else 0
         phdrs.append(
@@ -244,7 +298,6 @@ def export_elf(
     # With PN_XNUM, section header 0 (SHT_NULL) carries the real count in sh_info.
     shdr = Elf64_Shdr.pack(0, 0, 0, 0, 0, 0, 0, phnum, 0, 0) if xnum else b""
 
-    summary = ExportSummary()
     zeros = memoryview(bytes(max(chunk_size, page)))
     try:
         written = len(ehdr) + len(shdr) + len(note) + sum(len(p) for p in phdrs)

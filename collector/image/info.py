@@ -1,24 +1,66 @@
-"""What `collect info` shows: identity, plan, ranges, page fates, hashes and blobs of an image."""
+"""What `collect info` shows: identity, plan, ranges, page fates, hashes and blobs of an image.
+
+Everything here comes from the image, which may be hostile: values are taken only when they
+have the type the format gives them, and text is escaped before it reaches a terminal.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from collector.errors import ImageError
 from collector.image.reader import NativeImage
+
+
+def escape_text(text: str, keep_newlines: bool = False) -> str:
+    """Make untrusted text safe for a terminal: control characters (escape sequences among
+    them) become ``\\x1b``-style escapes; newlines stay when ``keep_newlines``."""
+    if keep_newlines:
+        return "\n".join(escape_text(line) for line in text.split("\n"))
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        elif ord(ch) < 0x100:
+            out.append(f"\\x{ord(ch):02x}")
+        elif ord(ch) < 0x10000:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(f"\\U{ord(ch):08x}")
+    return "".join(out)
+
+
+def _typed(value: Any, kind: type | tuple[type, ...]) -> Any:
+    """``value`` when it is of ``kind`` (bools are not ints), else None."""
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        return None
+    return value if isinstance(value, kind) else None
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _counts(value: Any) -> dict[str, int] | None:
+    if not isinstance(value, dict):
+        return None
+    return {str(k): v for k, v in value.items() if type(v) is int}
+
+
+def _strings(value: Any) -> list[str] | None:
+    if not isinstance(value, list):
+        return None
+    return [v for v in value if isinstance(v, str)]
 
 
 def image_info(path: str) -> dict:
     """Describe an image as a JSON-ready dict (native images in full, others by their ranges)."""
-    try:
-        memory = NativeImage(path)
-    except ImageError as native_error:
-        from collector.image.open import open_image
+    from collector.image.open import open_image, sniff_file
 
-        try:
-            other = open_image(path)
-        except ImageError:
-            raise native_error from None
+    if sniff_file(path) != "native":
+        other = open_image(path)  # says what the file is not, when it is nothing known
         try:
             return {
                 "image": path,
@@ -29,46 +71,63 @@ def image_info(path: str) -> dict:
             }
         finally:
             other.close()
-    with memory:
+    with NativeImage(path) as memory:
         meta = memory.metadata
         end = memory.end or {}
         fates: dict[str, int] = {}
         for run in memory.fate_runs():
             fates[run.fate.label] = fates.get(run.fate.label, 0) + run.count
+        host = _dict(meta.get("host"))
         return {
             "image": path,
             "format": "collector",
+            "format_version": memory.version,
             "file_bytes": memory.size,
             "uuid": memory.header.uuid.hex(),
             "complete": memory.end is not None and not memory.problems,
-            "clean_finish": end.get("clean"),
-            "stopped_by": end.get("stopped_by"),
-            "tool": meta.get("tool"),
-            "profile": meta.get("profile"),
-            "command_line": meta.get("command_line"),
-            "host": meta.get("host"),
-            "lockdown": meta.get("lockdown"),
-            "start_time": meta.get("start_time"),
-            "end_time": end.get("end_time"),
+            "clean_finish": _typed(end.get("clean"), bool),
+            "stopped_by": _typed(end.get("stopped_by"), str),
+            "tool": _dict(meta.get("tool")),
+            "profile": _typed(meta.get("profile"), str),
+            "command_line": _strings(meta.get("command_line")),
+            "host": host,
+            "lockdown": _typed(meta.get("lockdown"), str),
+            "start_time": _typed(meta.get("start_time"), str),
+            "end_time": _typed(end.get("end_time"), str),
             "page_size": memory.page_size,
             "chunk_size": memory.header.chunk_size,
-            "plan": meta.get("plan"),
+            "plan": _dict(meta.get("plan")),
             "ranges": [[s, e] for s, e in memory.ranges()],
             "captured_ranges": [[s, e] for s, e in memory.captured_ranges()],
             "missing_ranges": [[s, e] for s, e in memory.missing_ranges()],
-            "pages": end.get("pages"),
+            "pages": _counts(end.get("pages")),
             "pages_not_read_in_image": fates,
-            "unreadable_errnos": end.get("unreadable_errnos"),
-            "stream_sha256": end.get("stream_sha256"),
-            "stream_bytes": end.get("stream_bytes"),
+            "unreadable_errnos": _counts(end.get("unreadable_errnos")),
+            "stream_sha256": _typed(end.get("stream_sha256"), str),
+            "stream_bytes": _typed(end.get("stream_bytes"), int),
             "blobs": sorted(memory.blobs),
-            "missing_metadata": meta.get("missing_metadata"),
+            "missing_metadata": _dict(meta.get("missing_metadata")),
             "problems": memory.problems,
+            "damage": memory.damage,
         }
 
 
+def _plan_lines(plan: dict) -> list[str]:
+    lines = []
+    entries = plan.get("entries")
+    for e in entries if isinstance(entries, list) else []:
+        if not isinstance(e, dict):
+            continue
+        start, end = _typed(e.get("start"), int), _typed(e.get("end"), int)
+        if start is None or end is None:
+            continue
+        src = e.get("source") or f"({e.get('fate')})"
+        lines.append(f"plan:     {start:#x}-{end - 1:#x} {src}: {e.get('reason')}")
+    return lines
+
+
 def format_info(info: dict) -> str:
-    """The human-readable form of :func:`image_info`."""
+    """The human-readable form of :func:`image_info` (escape it before it meets a terminal)."""
     lines = [f"image:    {info['image']} ({info['format']})"]
     if info["format"] != "collector":
         lines += [f"range:    {s:#x}-{e - 1:#x}" for s, e in info["ranges"]]
@@ -76,13 +135,17 @@ def format_info(info: dict) -> str:
         lines += [f"problem:  {p}" for p in info["problems"]]
         return "\n".join(lines)
     host = info.get("host") or {}
-    uname = host.get("uname") or {}
+    uname = _dict(host.get("uname"))
+    tool = info.get("tool") or {}
     state = "complete" if info["complete"] else "CUT SHORT"
     if info.get("stopped_by"):
         state += f", stopped: {info['stopped_by']}"
+    if info.get("damage"):
+        state += ", DAMAGED (see `collect verify`)"
     lines += [
         f"state:    {state}",
-        f"tool:     {(info.get('tool') or {}).get('name')} {(info.get('tool') or {}).get('version')}",
+        f"format:   version {info.get('format_version')}",
+        f"tool:     {tool.get('name')} {tool.get('version')}",
         f"profile:  {info.get('profile')}",
         f"host:     {host.get('hostname')}  {uname.get('release', '')} {uname.get('machine', '')}",
         f"boot id:  {host.get('boot_id')}",
@@ -91,9 +154,7 @@ def format_info(info: dict) -> str:
         f"command:  {' '.join(info.get('command_line') or [])}",
         f"pages:    {info['page_size']} bytes, chunks of {info['chunk_size']} bytes",
     ]
-    for e in (info.get("plan") or {}).get("entries", []):
-        src = e.get("source") or f"({e.get('fate')})"
-        lines.append(f"plan:     {e['start']:#x}-{e['end'] - 1:#x} {src}: {e.get('reason')}")
+    lines += _plan_lines(info.get("plan") or {})
     for s, e in info["ranges"]:
         lines.append(f"range:    {s:#x}-{e - 1:#x} ({(e - s) >> 10} KiB)")
     for s, e in info["missing_ranges"]:
@@ -101,10 +162,12 @@ def format_info(info: dict) -> str:
     if info.get("pages"):
         lines.append("fates:    " + ", ".join(f"{k} {v}" for k, v in info["pages"].items()))
     for errno, count in (info.get("unreadable_errnos") or {}).items():
-        lines.append(f"errno:    {os.strerror(int(errno))}: {count} pages")
+        name = os.strerror(int(errno)) if errno.isdigit() and int(errno) < 4096 else errno
+        lines.append(f"errno:    {name}: {count} pages")
     lines.append(f"sha256:   {info.get('stream_sha256')} (of `zstd -dc`)")
     lines.append(f"blobs:    {', '.join(info['blobs'])}")
     for k, v in (info.get("missing_metadata") or {}).items():
         lines.append(f"no {k}: {v}")
     lines += [f"problem:  {p}" for p in info["problems"]]
+    lines += [f"damage:   {d}" for d in info.get("damage") or []]
     return "\n".join(lines)

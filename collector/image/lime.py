@@ -23,8 +23,9 @@ LIME_VERSION = 1
 LIME_HEADER = struct.Struct("<IIQQ8s")
 LIME_HEADER_SIZE = LIME_HEADER.size  # 32
 LIME_MAGIC_BYTES = struct.pack("<I", LIME_MAGIC)  # b"EMiL"
-#: More ranges than any machine's memory map has; a file claiming more is damaged or hostile.
-MAX_RANGES = 1 << 20
+#: More ranges than any machine's memory map has (LiME writes one per System RAM range: tens,
+#: hundreds on large machines); a file claiming more is damaged or hostile.
+MAX_RANGES = 1 << 14
 #: Problems listed one by one; beyond this they are only counted.
 MAX_PROBLEMS = 100
 _U64_MAX = (1 << 64) - 1

@@ -9,7 +9,7 @@ from collector.elf import ELFMAG
 from collector.errors import ImageError
 from collector.image.elfcore import ElfCore
 from collector.image.lime import LIME_MAGIC_BYTES, LimeImage
-from collector.image.raw import RawImage
+from collector.image.raw import RawImage, open_regular
 from collector.memory import PhysicalMemory
 
 ZSTD_FRAME_MAGIC = 0xFD2FB528
@@ -35,6 +35,21 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
+def sniff_file(path: str | os.PathLike[str]) -> str | None:
+    """:func:`sniff` of the file at ``path``, which must be a regular file or block device.
+
+    :raises ImageError: it cannot be opened, or is a FIFO, socket, character device or
+        directory (refused at once, without waiting on a writer).
+    """
+    fd = open_regular(path, allow_block=True)
+    try:
+        return sniff(os.pread(fd, 4, 0))
+    except OSError as e:
+        raise ImageError(f"{os.fsdecode(path)}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def open_image(path: str | os.PathLike[str], fmt: str = "auto") -> PhysicalMemory:
     """Open the memory image at ``path``, choosing the reader from its first four bytes.
 
@@ -47,13 +62,13 @@ def open_image(path: str | os.PathLike[str], fmt: str = "auto") -> PhysicalMemor
     if fmt not in FORMATS:
         raise ImageError(f"{name}: unknown image format {fmt!r} (choose from {', '.join(FORMATS)})")
     if fmt == "auto":
+        fd = open_regular(path, allow_block=True)
         try:
-            with open(path, "rb") as f:
-                head = f.read(4)
-        except IsADirectoryError:
-            raise ImageError(f"{name}: is a directory, not an image file") from None
+            head = os.pread(fd, 4, 0)
         except OSError as e:
-            raise ImageError(f"{name}: cannot open: {e.strerror}") from None
+            raise ImageError(f"{name}: cannot read: {e.strerror}") from None
+        finally:
+            os.close(fd)
         found = sniff(head)
         if found is None:
             shown = head.hex(" ") if head else "nothing: the file is empty"

@@ -13,6 +13,46 @@ from collector.errors import ImageError
 from collector.memory import Fate, PageFate, PageNotCaptured
 
 
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a directory"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path: str | os.PathLike[str], allow_block: bool = False) -> int:
+    """Open ``path`` read-only and return its descriptor, refusing at once anything that is
+    not a regular file (or a block device, when ``allow_block``).
+
+    ``O_NONBLOCK`` keeps the open of a FIFO from waiting for a writer; a character device
+    (``/dev/zero``, ``/dev/mem``) or a FIFO has no end to read up to.
+
+    :raises ImageError: one line naming the path and what it is.
+    """
+    name = os.fsdecode(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except IsADirectoryError:
+        raise ImageError(f"{name}: is a directory, not an image file") from None
+    except OSError as e:
+        raise ImageError(f"{name}: cannot open: {e.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as e:
+        os.close(fd)
+        raise ImageError(f"{name}: cannot read: {e.strerror}") from None
+    if not (stat.S_ISREG(mode) or (allow_block and stat.S_ISBLK(mode))):
+        os.close(fd)
+        raise ImageError(f"{name}: is {_kind(mode)}, not an image file")
+    return fd
+
+
 class RawFile:
     """Thread-safe reads at given offsets of a file named by path or passed open.
 
@@ -28,21 +68,13 @@ class RawFile:
         self._lock = threading.Lock()
         if isinstance(source, str | bytes | os.PathLike):
             self.name = os.fsdecode(source)
+            fd = open_regular(source, allow_block=True)
             try:
-                fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as e:
-                raise ImageError(f"{self.name}: cannot open: {e.strerror}") from None
-            try:
-                if stat.S_ISDIR(os.fstat(fd).st_mode):
-                    raise ImageError(f"{self.name}: is a directory, not an image file")
                 # lseek rather than st_size: block devices report st_size 0.
                 self.size = os.lseek(fd, 0, os.SEEK_END)
             except OSError as e:
                 os.close(fd)
                 raise ImageError(f"{self.name}: cannot read: {e.strerror}") from None
-            except ImageError:
-                os.close(fd)
-                raise
             self._fd = fd
         else:
             self.name = str(getattr(source, "name", "<file object>"))
@@ -128,6 +160,28 @@ class FileImage:
 
     def read(self, paddr: int, size: int) -> bytes:
         return self._file.read_mapped(paddr, size, self._run)
+
+    def readable_ranges(self) -> list[tuple[int, int]]:
+        """The parts of :meth:`ranges` whose bytes the file really holds, ``(start, end)``."""
+        holes = sorted(self.missing_ranges())
+        out = []
+        for start, end in self.ranges():
+            pos = start
+            for hs, he in holes:
+                if he <= pos or hs >= end:
+                    continue
+                if hs > pos:
+                    out.append((pos, hs))
+                pos = max(pos, he)
+            if pos < end:
+                out.append((pos, end))
+        return out
+
+    def ranges(self) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+    def missing_ranges(self) -> list[tuple[int, int]]:
+        return []
 
     def blob(self, name: str) -> bytes | None:
         return None

@@ -39,6 +39,10 @@ class SparseMemory:
     def ranges(self) -> list[tuple[int, int]]:
         return [(s, s + len(d)) for s, d in zip(self._starts, self._data, strict=True)]
 
+    def readable_ranges(self) -> list[tuple[int, int]]:
+        """Every range: the bytes are all held (pages of other fates raise on reading)."""
+        return self.ranges()
+
     def _locate(self, paddr: int) -> int | None:
         i = bisect.bisect_right(self._starts, paddr) - 1
         if i >= 0 and paddr < self._starts[i] + len(self._data[i]):

@@ -1,13 +1,15 @@
 """Writes a native image in one pass: chunks compressed in parallel, frames written in order.
 
 Memory stays bounded by the in-flight window (a few chunks per worker), whatever the RAM
-size. Nothing is ever sought back, so the output can be a pipe or a socket.
+size. Nothing is ever sought back, so the output can be a pipe or a socket. Every record is
+sealed with a CRC-32, each DESC carries the XXH3-64 hash of its DATA frame (computed by the
+worker that compressed it, while the frame is still in its cache), and END holds a SHA-256 of every
+record before it that is not RAM, so each byte of the image is covered by some check.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
 import time
@@ -31,7 +33,7 @@ class OutputError(OSError):
 @dataclass
 class _Pending:
     desc: fmt.Desc
-    compressed: Future[bytes]
+    compressed: Future[tuple[bytes, int]]  # the DATA frame and its hash
     hashed: Future[None]
 
 
@@ -67,6 +69,7 @@ class ImageWriter:
         self.frames: list[tuple[int, int]] = []
         self.index: list[fmt.IndexRow] = []
         self.stream_hash = hashlib.sha256()
+        self.metadata_hash = hashlib.sha256()
         self.stream_bytes = 0
         self.seq = 0
         self.fate_pages: dict[str, int] = {f.label: 0 for f in Fate if f < Fate.OUTSIDE}
@@ -79,9 +82,9 @@ class ImageWriter:
         self._io = ThreadPoolExecutor(1, thread_name_prefix="write")
         self._written: deque[Future[None]] = deque()
         self._window: deque[_Pending] = deque()
-        self._zero_frames: dict[int, bytes] = {}
+        self._zero_frames: dict[int, tuple[bytes, int]] = {}
         self._zeros = b""
-        self._write(fmt.Header(page_size, chunk_size, self.uuid, metadata).encode(), 0)
+        self._write_record(fmt.Header(page_size, chunk_size, self.uuid, metadata).encode())
 
     # -- low level -------------------------------------------------------------------------
 
@@ -96,6 +99,15 @@ class ImageWriter:
 
     def _compress(self, data: bytes) -> bytes:
         return self._compressor().compress(data)
+
+    def _compress_data(self, data: bytes) -> tuple[bytes, int]:
+        frame = self._compressor().compress(data)
+        return frame, fmt.data_hash(frame)
+
+    def _write_record(self, frame: bytes) -> int:
+        """Write a record that END's metadata hash covers (HEADER, BLOB, DESC)."""
+        self.metadata_hash.update(frame)
+        return self._write(frame, 0)
 
     def _write(self, frame: bytes, decompressed: int) -> int:
         """Queue one whole frame for the output thread; returns its file offset.
@@ -136,7 +148,7 @@ class ImageWriter:
         """Write a metadata blob now (before the RAM, so an early cut keeps it)."""
         blob = fmt.Blob(name, len(data), hashlib.sha256(data).digest(), self._compress(data))
         frame = blob.encode()
-        offset = self._write(frame, 0)
+        offset = self._write_record(frame)
         self.index.append(
             fmt.IndexRow(fmt.INDEX_BLOB, 0, len(data), offset, len(frame), 0, 0, name)
         )
@@ -165,11 +177,10 @@ class ImageWriter:
         desc = fmt.Desc(self.seq, paddr, len(data), 0, flags, time.monotonic_ns() - self._t0, runs)
         self.seq += 1
         if not flags and self._is_zero(payload):
-            frame = self._zero_frame(len(payload))
-            compressed: Future[bytes] = Future()
-            compressed.set_result(frame)
+            compressed: Future[tuple[bytes, int]] = Future()
+            compressed.set_result(self._zero_frame(len(payload)))
         else:
-            compressed = self._pool.submit(self._compress, payload)
+            compressed = self._pool.submit(self._compress_data, payload)
         hashed = self._hasher.submit(self._hash, payload)
         self._window.append(_Pending(desc, compressed, hashed))
         while len(self._window) > 2 * self.threads:
@@ -180,10 +191,10 @@ class ImageWriter:
             self._zeros = bytes(len(payload))
         return payload == self._zeros[: len(payload)]
 
-    def _zero_frame(self, size: int) -> bytes:
+    def _zero_frame(self, size: int) -> tuple[bytes, int]:
         frame = self._zero_frames.get(size)
         if frame is None:
-            frame = self._zero_frames[size] = self._compress(bytes(size))
+            frame = self._zero_frames[size] = self._compress_data(bytes(size))
         return frame
 
     def _hash(self, payload: bytes) -> None:
@@ -202,11 +213,12 @@ class ImageWriter:
 
     def _drain_one(self) -> None:
         p = self._window.popleft()
-        frame = p.compressed.result()
+        frame, digest = p.compressed.result()
         p.hashed.result()
         p.desc.data_size = len(frame)
+        p.desc.data_hash = digest
         desc_frame = p.desc.encode()
-        offset = self._write(desc_frame, 0)
+        offset = self._write_record(desc_frame)
         self._write(frame, p.desc.stream_bytes)
         self.index.append(
             fmt.IndexRow(
@@ -246,11 +258,12 @@ class ImageWriter:
                 "chunks": self.seq,
                 "stream_bytes": self.stream_bytes,
                 "stream_sha256": self.stream_hash.hexdigest(),
+                "metadata_sha256": self.metadata_hash.hexdigest(),
                 "pages": dict(self.fate_pages),
                 "unreadable_errnos": {str(k): v for k, v in sorted(self.unreadable_errnos.items())},
             }
         )
-        self._write(fmt.skippable(fmt.END, json.dumps(record, sort_keys=True).encode()), 0)
+        self._write(fmt.encode_end(record), 0)
         self._write(fmt.encode_index(self.index), 0)
         table = fmt.encode_seek_table(self.frames)
         self._wait_written()

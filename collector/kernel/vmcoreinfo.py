@@ -308,13 +308,22 @@ def _from_note_at(memory: PhysicalMemory, paddr: int) -> VmcoreInfo | None:
     return _candidate(memory, paddr + 24)
 
 
+def _readable_ranges(memory: PhysicalMemory) -> list[tuple[int, int]]:
+    """The ranges whose bytes the image holds, when its reader can tell (every reader of
+    this project can); else all its ranges. A cut file's missing tail, or a range a hostile
+    header claims to be 2^63 bytes long, is skipped whole instead of page by page."""
+    readable = getattr(memory, "readable_ranges", None)
+    return readable() if callable(readable) else memory.ranges()
+
+
 def scan_for_vmcoreinfo(
     memory: PhysicalMemory, chunk: int = 1 << 20, limit: int | None = None
 ) -> VmcoreInfo | None:
     """Find VMCOREINFO in captured physical memory, or return None.
 
     First the note at ``metadata["vmcoreinfo_paddr"]`` or ``metadata["vmcoreinfo_location"]``
-    (what ``/sys/kernel/vmcoreinfo`` printed on the live machine), then a scan of every captured range for ``OSRELEASE=``.
+    (what ``/sys/kernel/vmcoreinfo`` printed on the live machine), then a scan of every
+    range the image holds for ``OSRELEASE=`` (ranges it announces but lacks are skipped).
     The kernel's buffers (``vmcoreinfo_data``, and the note ``vmcoreinfo_note`` whose text
     starts 24 bytes in) are page-allocated, so a page-aligned copy wins; any other copy is
     used only when no aligned one exists.
@@ -334,7 +343,7 @@ def scan_for_vmcoreinfo(
     # tried a bounded number of times, aligned ones at most twice per page.
     unaligned_tries = 64
     scanned = 0
-    for start, end in memory.ranges():
+    for start, end in _readable_ranges(memory):
         at = start
         while at < end:
             if limit is not None and scanned >= limit:
@@ -342,7 +351,8 @@ def scan_for_vmcoreinfo(
             size = min(chunk, end - at)
             data = _read_upto(memory, at, size)
             if not data:
-                # Skip the uncaptured page and go on with the next one.
+                # A page inside a readable range that still was not read (its fate is in
+                # the image's page records): skip it and go on with the next one.
                 at += page - at % page
                 continue
             pos = data.find(needle)

@@ -187,28 +187,34 @@ def test_export_raw(tmp_path):
     assert first_data in (0, 0x1000)
 
 
-def test_truncated_lime_to_elf_counts_missing_bytes():
+def test_truncated_lime_to_elf_leaves_the_missing_tail_out():
     out = io.BytesIO()
     export_lime(SparseMemory({0x10000: P2}), out)
     img = LimeImage(io.BytesIO(out.getvalue()[:-0x1000]))
     assert img.missing_ranges() == [(0x10800, 0x11800)]
     elf = io.BytesIO()
     summary = export_elf(img, elf, chunk_size=0x1000)
-    # 0x10800-0x117ff touches two pages: the second half of 0x10000 and the first of 0x11000.
-    assert summary.zero_filled == {Fate.MISSING: 2}
-    assert summary.zero_bytes == 0x1000
-    core = ElfCore(io.BytesIO(elf.getvalue()))
-    assert core.read(0x10000, 0x1800) == P2[:0x800] + bytes(0x1000)
+    # The file holds 0x10000-0x107ff; the 0x1000 bytes after it are not written as zeros.
+    assert (summary.zero_filled, summary.zero_bytes, summary.left_out) == ({}, 0, 0x1000)
+    assert summary.bytes == 0x800
+    assert summary.warning() == "4096 bytes of announced RAM the image does not hold were left out"
+    data = elf.getvalue()
+    phdr = struct.unpack_from("<IIQQQQQQ", data, 64)
+    assert phdr[0] == 1 and phdr[4:7] == (0x10000, 0x800, 0x800)  # PT_LOAD, paddr, sizes
+    core = ElfCore(io.BytesIO(data))
+    assert core.ranges() == [(0x10000, 0x10800)]
+    assert core.read(0x10000, 0x800) == P2[:0x800]
 
 
-def test_large_missing_stretch_is_zero_filled_in_bulk():
-    # A range cut after its first byte: 16 MiB of MISSING pages written as zeros.
-    data = lime_header(0x0, 0xFFFFFF) + b"\x07"
+def test_absent_ranges_cost_nothing_however_large_they_claim_to_be():
+    # A LiME header claiming 2^63 bytes, of which the file holds one: the export writes that
+    # one byte, at once, instead of zero-filling until the disk is full.
+    data = lime_header(0x0, (1 << 63) - 1) + b"\x07"
     img = LimeImage(io.BytesIO(data))
     sink = io.BytesIO()
     summary = export_lime(img, sink)
-    assert summary.zero_filled == {Fate.MISSING: 4096}
-    assert sink.getvalue() == lime_header(0, 0xFFFFFF) + b"\x07" + bytes(0xFFFFFF)
+    assert sink.getvalue() == lime_header(0, 0) + b"\x07"
+    assert (summary.bytes, summary.left_out, summary.zero_filled) == (1, (1 << 63) - 1, {})
 
 
 class FullDisk(io.RawIOBase):
@@ -225,3 +231,14 @@ def test_write_failure_is_one_line():
     with pytest.raises(CollectorError) as e:
         export_lime(memory(), FullDisk())
     assert str(e.value) == "out.lime: write failed: No space left on device"
+
+
+def test_raw_export_refuses_addresses_beyond_any_file_offset(tmp_path):
+    # An ELF segment whose p_paddr is 2^63: a raw file cannot put a byte there.
+    mem = SparseMemory({1 << 63: b"\x01" * 16})
+    with pytest.raises(CollectorError) as e:
+        export_raw(mem, tmp_path / "out.raw")
+    assert str(e.value) == (
+        "memory at 0x8000000000000000-0x800000000000000f lies beyond the largest offset a raw "
+        "file can have (2^63 - 1); export it as LiME or ELF instead"
+    )

@@ -12,9 +12,11 @@ import pytest
 
 from collector.errors import ImageError
 from collector.image.elfcore import ElfCore
+from collector.image.info import image_info
 from collector.image.lime import LimeImage
 from collector.image.open import open_image, sniff
 from collector.image.raw import RawImage
+from collector.image.reader import NativeImage
 from collector.memory import Fate, PageFate
 
 LIME = struct.pack("<IIQQ", 0x4C694D45, 1, 0x1000, 0x1FFF) + bytes(8) + b"\x5a" * 0x1000
@@ -111,11 +113,15 @@ def test_unreadable_file(tmp_path, monkeypatch):
     path = tmp_path / "secret"
     path.write_bytes(LIME)
 
-    def refuse(*args, **kwargs):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    real_open = os.open
+
+    def refuse(name, *args, **kwargs):
+        if os.fspath(name) == str(path):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(name, *args, **kwargs)
 
     # Root reads files whatever their mode, so the refusal is simulated.
-    monkeypatch.setattr("collector.image.open.open", refuse, raising=False)
+    monkeypatch.setattr(os, "open", refuse)
     with pytest.raises(ImageError) as e:
         open_image(path)
     assert str(e.value) == f"{path}: cannot open: Permission denied"
@@ -143,3 +149,16 @@ def test_raw_image_with_ranges(tmp_path):
     assert img.fate(0x3000) == PageFate(Fate.MISSING)
     assert img.missing_ranges() == [(0x3000, 0x4000)]
     assert img.problems == ["range 0x3000-0x4000 lies beyond the end of the file (0x2000)"]
+
+
+def test_fifos_and_devices_are_refused_at_once(tmp_path):
+    """Opening a FIFO with no writer would block forever; /dev/zero has no end."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for opener in (open_image, lambda p: open_image(p, fmt="raw"), NativeImage, image_info):
+        with pytest.raises(ImageError) as e:
+            opener(fifo)
+        assert str(e.value) == f"{fifo}: is a FIFO, not an image file"
+    with pytest.raises(ImageError) as e:
+        open_image("/dev/zero")
+    assert str(e.value) == "/dev/zero: is a character device, not an image file"

@@ -446,7 +446,11 @@ def test_capture_killed_with_sigkill_is_readable_up_to_its_last_chunk(
     )
 
     rc, report = verify(image)
-    assert (rc, report["status"], report["errors"]) == (3, "truncated", [])
+    assert (rc, report["status"], report["errors"]) == (3, "incomplete", [])
+    if stop == image.stat().st_size:  # killed between two frames
+        assert report["incomplete"] == ["the image ends without its END record (cut short)"]
+    else:
+        assert report["incomplete"][0].startswith("the image is cut short (")
     assert [tuple(m) for m in report["missing"]] == subtract(ram, cut)
     text = host_collect("verify", str(image))
     assert text.returncode == 3
@@ -503,10 +507,19 @@ def test_capture_interrupted_by_a_signal_ends_with_a_complete_image(
         assert img.fate(cut - PAGE).fate == Fate.READ
         with pytest.raises(PageNotCaptured):
             img.read(cut, 8)
+    # RAM the image announced is missing: verify says so, and why, with a non-zero status.
     rc, report = verify(image)
-    assert (rc, report["status"], report["errors"]) == (0, "intact", [])
+    assert (rc, report["status"], report["errors"]) == (3, "incomplete", [])
+    assert report["incomplete"] == [f"the capture was interrupted by SIG{signame}"]
     assert [tuple(m) for m in report["missing"]] == subtract(ram, cut)
-    print(f"SIG{signame} after {len(chunks)} chunks: missing {report['missing']}")
+    text = host_collect("verify", str(image))
+    assert text.returncode == 3, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0].startswith(f"{image}: incomplete: {len(chunks)} chunks")
+    assert f"incomplete: the capture was interrupted by SIG{signame}" in lines
+    for s, e in subtract(ram, cut):
+        assert f"missing: {s:#x}-{e - 1:#x}" in text.stdout
+    print(text.stdout)
     # `zstd -dc` of any complete image is a LiME file (docs/image-format.md): every range the
     # capture started is whole, and its hash is the one the image records.
     lime, sha256, _ = zstd_stream(image, parse_lime=True)
@@ -585,7 +598,7 @@ def test_full_disk_ends_with_one_line_and_a_truncated_valid_image(
         assert img.missing_ranges() == subtract(ram, cut)
         assert img.blob("kallsyms") == capture.fact("kallsyms")
     rc, report = verify(image)
-    assert (rc, report["status"], report["errors"]) == (3, "truncated", [])
+    assert (rc, report["status"], report["errors"]) == (3, "incomplete", [])
     assert [tuple(m) for m in report["missing"]] == subtract(ram, cut)
     print(f"{image.stat().st_size} bytes, {len(chunks)} chunks; verify exit {rc}: {report}")
 
