@@ -589,6 +589,8 @@ class Object:
         """
         r = self._type.resolved()
         if r.kind is Kind.ARRAY and r.pointee.is_char():
+            if r.array_length == 0:  # a flexible char name[]: it runs to its NUL
+                return self._kernel.read_cstring(self.address, max_len)
             data = self._kernel.read_virt(self.address, min(r.size, max_len))
             nul = data.find(b"\0")
             return data if nul < 0 else data[:nul]

@@ -212,3 +212,13 @@ def test_unsized_global_arrays_take_the_room_the_symbols_leave() -> None:
     assert str(node_data.type) == "struct pglist_data *[4]"
     assert node_data[1].node_id.value() == 3
     assert node_data[0].is_null()
+
+
+def test_a_flexible_char_array_reads_to_its_nul() -> None:
+    sk = SyntheticKernel("struct anon_vma_name { int kref; char name[]; };")
+    at = sk.alloc(64)
+    sk.write(at, b"\x01\0\0\0" + b"[anon:heap]\0trailing")
+    kernel = sk.kernel()
+    name = kernel.object("struct anon_vma_name", at).name
+    assert str(name.type) == "char [0]"
+    assert name.string() == b"[anon:heap]" and name.string(5) == b"[anon"
