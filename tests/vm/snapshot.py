@@ -25,6 +25,22 @@ def _read(path: str, mode: str = "r") -> str | bytes | None:
         return None
 
 
+def _frames(pid: int, start: int, end: int) -> list[int] | None:
+    """The page frame numbers /proc/PID/pagemap gives for ``[start, end)`` (0: not present)."""
+    if start >= end:
+        return []
+    frames = []
+    try:
+        with open(f"/proc/{pid}/pagemap", "rb") as fh:
+            for page in range(start >> 12, (end - 1 >> 12) + 1):
+                fh.seek(page * 8)
+                entry = int.from_bytes(fh.read(8), "little")
+                frames.append(entry & ((1 << 55) - 1) if entry >> 63 else 0)
+    except OSError:
+        return None
+    return frames
+
+
 def process(pid: int, with_maps: bool) -> dict | None:
     stat = _read(f"/proc/{pid}/stat")
     status = _read(f"/proc/{pid}/status")
@@ -45,6 +61,10 @@ def process(pid: int, with_maps: bool) -> dict | None:
     except OSError:
         threads = []
     cmdline = _read(f"/proc/{pid}/cmdline", "rb")
+    # The page frames holding the arguments (arg_start..arg_end are the 48th and 49th fields
+    # of /proc/PID/stat): a page the kernel moves while a capture runs (compaction) is read
+    # from two moments, and its frame number says so.
+    arg_start, arg_end = int(rest[45]), int(rest[46])
     out = {
         "pid": pid,
         "comm": comm,
@@ -59,6 +79,7 @@ def process(pid: int, with_maps: bool) -> dict | None:
         "threads": threads,
         "exe": exe,
         "cmdline": cmdline.hex() if isinstance(cmdline, bytes) else None,
+        "arg_frames": _frames(pid, arg_start, arg_end),
     }
     if with_maps:
         maps = _read(f"/proc/{pid}/maps")
