@@ -308,7 +308,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True, default=str))
         return 0
-    from collector.image.info import escape_text, format_info
+    from collector.image.info import format_info
+    from collector.text import escape_text
 
     print(escape_text(format_info(info), keep_newlines=True))
     return 0
@@ -329,9 +330,9 @@ The first that applies, in the order 1, 4, 3.
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from collector.image.info import escape_text
     from collector.image.open import sniff_file
     from collector.image.reader import STATUS_WORDS, NativeImage
+    from collector.text import escape_text
 
     kind = sniff_file(args.image)
     if kind not in ("native", None):
@@ -560,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         args = capture_parser().parse_args(argv)
         return cmd_capture(args, argv)
     except CollectorError as e:
-        from collector.image.info import escape_text
+        from collector.text import escape_text
 
         print(f"collect: {escape_text(str(e))}", file=sys.stderr)
         return e.exit_code

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from collector.errors import CollectorError
 from collector.hookspecs import Field
+from collector.text import escape_text
 
 if TYPE_CHECKING:
     from collector.analyze import AnalysisResult
@@ -55,7 +56,7 @@ def result_title(result: AnalysisResult, count: int | None = None) -> str:
         text += f" from {result.image.path}"
     if result.image.release is not None:
         text += f" ({result.image.release})"
-    return _escape(f"{text}, plugin {result.plugin} {result.plugin_version}")
+    return escape_text(f"{text}, plugin {result.plugin} {result.plugin_version}")
 
 
 #: Records a table holds before it prints; a longer table prints in blocks of this many, each
@@ -176,27 +177,10 @@ def format_cell(value: Any, field_type: str, limit: int | None = MAX_COLUMN_WIDT
         return "true" if value else "false"
     if field_type == "hex" and isinstance(value, int):
         return f"{value:#x}" if value >= 0 else f"-{-value:#x}"
-    text = _escape(str(value))
+    text = escape_text(str(value))
     if limit is not None and len(text) > limit:
         text = text[: limit - 1] + "…"
     return text
-
-
-def _escape(text: str) -> str:
-    """Make untrusted text safe for a terminal: no escape sequences, tabs or newlines."""
-    if text.isprintable():
-        return text
-    out = []
-    for ch in text:
-        if ch.isprintable():
-            out.append(ch)
-        elif ord(ch) < 0x100:
-            out.append(f"\\x{ord(ch):02x}")
-        elif ord(ch) < 0x10000:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(f"\\U{ord(ch):08x}")
-    return "".join(out)
 
 
 def _csv_cell(value: Any) -> Any:

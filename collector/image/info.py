@@ -12,26 +12,6 @@ from typing import Any
 from collector.image.reader import NativeImage
 
 
-def escape_text(text: str, keep_newlines: bool = False) -> str:
-    """Make untrusted text safe for a terminal: control characters (escape sequences among
-    them) become ``\\x1b``-style escapes; newlines stay when ``keep_newlines``."""
-    if keep_newlines:
-        return "\n".join(escape_text(line) for line in text.split("\n"))
-    if text.isprintable():
-        return text
-    out = []
-    for ch in text:
-        if ch.isprintable():
-            out.append(ch)
-        elif ord(ch) < 0x100:
-            out.append(f"\\x{ord(ch):02x}")
-        elif ord(ch) < 0x10000:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(f"\\U{ord(ch):08x}")
-    return "".join(out)
-
-
 def _typed(value: Any, kind: type | tuple[type, ...]) -> Any:
     """``value`` when it is of ``kind`` (bools are not ints), else None."""
     if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
