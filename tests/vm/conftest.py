@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from collector.image.open import open_image
+from collector.kernel.kernel import Kernel
 from tests.conftest import in_ci
 from tools.vm.guest import Guest, VMUnavailable
 from tools.vm.kernels import KERNEL_KEYS
@@ -186,6 +188,29 @@ def capture_guest(guest: Guest) -> Capture:
 def capture(guest: Guest) -> Capture:
     """The guest captured once per session with the automatic plan."""
     return capture_guest(guest)
+
+
+_kernels: dict[Path, Kernel] = {}
+
+
+def capture_kernel(capture: Capture) -> Kernel:
+    """The kernel of a capture, opened once for the whole session and shared by every test
+    module that reads it (an image is read-only; its Kernel only caches)."""
+    if capture.image not in _kernels:
+        _kernels[capture.image] = Kernel(open_image(capture.image))
+    return _kernels[capture.image]
+
+
+@pytest.fixture(scope="module")
+def kernel(capture: Capture) -> Kernel:
+    """The kernel of the shared capture."""
+    return capture_kernel(capture)
+
+
+@pytest.fixture(scope="module")
+def la57_kernel(la57_capture: Capture) -> Kernel:
+    """The kernel of the 5-level guest's shared capture."""
+    return capture_kernel(la57_capture)
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ from typing import Any
 import pytest
 
 import collector
-from collector.image.open import open_image
 from collector.kernel.btf import cross_check
 from collector.kernel.kallsyms_decode import decode_kallsyms
 from collector.kernel.kernel import Kernel
@@ -232,25 +231,6 @@ class WithoutBlobs:
 
     def close(self) -> None:
         pass
-
-
-@pytest.fixture(scope="module")
-def kernel(capture: Capture) -> Iterator[Kernel]:
-    """The kernel of the shared capture, opened once per kernel for this module."""
-    memory = open_image(capture.image)
-    try:
-        yield Kernel(memory)
-    finally:
-        memory.close()
-
-
-@pytest.fixture(scope="module")
-def la57_kernel(la57_capture: Capture) -> Iterator[Kernel]:
-    memory = open_image(la57_capture.image)
-    try:
-        yield Kernel(memory)
-    finally:
-        memory.close()
 
 
 # -- sysinfo --------------------------------------------------------------------------------------

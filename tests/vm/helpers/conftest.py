@@ -8,24 +8,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from collector.image.open import open_image
 from collector.kernel.kernel import Kernel
 from collector.kernel.object import Object, container_of
 from tests.vm.conftest import Capture
 
 #: More tasks than a test guest ever runs: a walk past this is a loop.
 MAX_TASKS = 100_000
-
-_open: dict[str, Kernel] = {}
-
-
-@pytest.fixture(scope="module")
-def kernel(capture: Capture) -> Iterator[Kernel]:
-    """The kernel of the shared capture (opened once per capture for the session)."""
-    key = str(capture.image)
-    if key not in _open:
-        _open[key] = Kernel(open_image(capture.image))
-    yield _open[key]
 
 
 def stable_processes(capture: Capture) -> dict[int, dict]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from collector.image.open import open_image
 from collector.kernel.kernel import Kernel
 from tests.vm.conftest import Capture
 from tests.vm.helpers import test_fs, test_mm, test_module, test_percpu, test_sched
@@ -33,11 +32,6 @@ CHECKS = (
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=[c.__name__ for c in CHECKS])
-def test_on_five_level_paging(la57_capture: Capture, check) -> None:
-    memory = open_image(la57_capture.image)
-    try:
-        kernel = Kernel(memory)
-        assert kernel.paging_mode == "5-level"
-        check(la57_capture, kernel)
-    finally:
-        memory.close()
+def test_on_five_level_paging(la57_capture: Capture, la57_kernel: Kernel, check) -> None:
+    assert la57_kernel.paging_mode == "5-level"
+    check(la57_capture, la57_kernel)

@@ -21,13 +21,11 @@ import subprocess
 import sys
 import zlib
 from collections import Counter
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
 from collector.helpers.sched import for_each_process
-from collector.image.open import open_image
 from collector.kernel.kernel import Kernel
 from collector.kernel.pages import CLASSES, CODE, PageWalker, count_pages
 from tests.vm.conftest import Capture, iomem_entries
@@ -43,15 +41,6 @@ STABLE = {"reserved": "RESERVED", "slab": "SLAB", "pagetable": "PGTABLE"}
 TOLERANCE = 0.05
 #: Page-table pages of the processes that read /proc for a snapshot (a shell, a Python).
 SNAPSHOT_PAGE_TABLES = 16
-
-
-@pytest.fixture(scope="module")
-def kernel(capture: Capture) -> Iterator[Kernel]:
-    memory = open_image(capture.image)
-    try:
-        yield Kernel(memory)
-    finally:
-        memory.close()
 
 
 _walks: dict[str, tuple[PageWalker, np.ndarray, object]] = {}
@@ -177,15 +166,6 @@ def within(value: float, low: float, high: float) -> bool:
 
 
 # -- the memory map --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def la57_kernel(la57_capture: Capture) -> Iterator[Kernel]:
-    memory = open_image(la57_capture.image)
-    try:
-        yield Kernel(memory)
-    finally:
-        memory.close()
 
 
 def test_every_page_of_system_ram_is_counted_once_per_zone(
