@@ -151,16 +151,23 @@ def _room(kernel: Kernel, address: int) -> int | None:
     return None if nxt is None else nxt - address
 
 
+def _btf_var(btf: BTF, name: str) -> int | None:
+    """The type id of BTF's ``VAR`` named ``name``, or None."""
+    for tid in btf.find_all(name):
+        if btf.kind(tid) is Kind.VAR:
+            return tid
+    return None
+
+
 def _btf_variable_type(kernel: Kernel, name: str) -> Type:
     btf = kernel.btf
-    for tid in btf.find_all(name):
-        t = btf.type(tid)
-        if t.kind is Kind.VAR:
-            if _in_percpu_section(btf, tid):
-                raise NotApplicable(
-                    f"{name} is a per-CPU variable: read it with per_cpu(kernel, {name!r}, cpu)"
-                )
-            return Type(btf, t.ref or 0)
+    var = _btf_var(btf, name)
+    if var is not None:
+        if _in_percpu_section(btf, var):
+            raise NotApplicable(
+                f"{name} is a per-CPU variable: read it with per_cpu(kernel, {name!r}, cpu)"
+            )
+        return Type(btf, btf.type(var).ref or 0)
     raise NotApplicable(
         f"the type of global {name!r} is unknown: BTF types only per-CPU variables, and"
         " collector.kernel.variables.GLOBALS has no entry for it"
@@ -181,8 +188,7 @@ def percpu_variable_type(kernel: Kernel, name: str) -> Type:
     :raises NotApplicable: BTF has no such variable.
     """
     btf = kernel.btf
-    for tid in btf.find_all(name):
-        t = btf.type(tid)
-        if t.kind is Kind.VAR:
-            return Type(btf, t.ref or 0)
-    raise NotApplicable(f"BTF has no per-CPU variable named {name!r}")
+    var = _btf_var(btf, name)
+    if var is None:
+        raise NotApplicable(f"BTF has no per-CPU variable named {name!r}")
+    return Type(btf, btf.type(var).ref or 0)
