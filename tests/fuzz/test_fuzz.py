@@ -50,6 +50,8 @@ COMMANDS: list[list[str]] = [
     ["export", "{image}", "--to", "elf", "-o", "{out}", "--force"],
     ["translate", "{image}", "init_uts_ns"],
     ["analyze", "{image}", "sysinfo"],
+    ["analyze", "{image}", "pages"],
+    ["analyze", "{image}", "buddyinfo"],
 ]
 
 
