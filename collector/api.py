@@ -111,6 +111,7 @@ from collector.helpers.xarray import (
 from collector.hookspecs import Analysis, Field, Option, hookimpl
 from collector.kernel.kernel import Kernel
 from collector.kernel.object import Object, ObjectError, Type, container_of
+from collector.kernel.plausible import Implausible, plausible_int, plausible_text
 from collector.memory import Fate, PageNotCaptured
 
 __all__ = [
@@ -120,6 +121,7 @@ __all__ = [
     "Fate",
     "Field",
     "ImageError",
+    "Implausible",
     "Kernel",
     "NotApplicable",
     "Object",
@@ -186,6 +188,8 @@ __all__ = [
     "pfn_to_virt",
     "phys_to_virt",
     "pid_task",
+    "plausible_int",
+    "plausible_text",
     "proc_cmdline",
     "proc_environ",
     "radix_tree_for_each",

@@ -118,6 +118,11 @@ WITNESS = (
 )
 WITNESS_ARGS = ("collector-witness", "two words", "")
 
+#: A line written to /dev/kmsg right before each capture, at KERN_WARNING (4); /dev/kmsg
+#: gives lines written there the user facility (1).
+KMSG_MARKER = "collector-test: a line written to /dev/kmsg before the capture"
+KMSG_LEVEL = 4
+
 
 def start_witness(guest: Guest) -> int:
     """Start the :data:`WITNESS` process in the guest; its PID once its thread runs."""
@@ -151,7 +156,8 @@ def capture_guest(guest: Guest) -> Capture:
         f"cat /sys/kernel/btf/vmlinux > {facts}/btf && cat /sys/kernel/vmcoreinfo > "
         f"{facts}/vmcoreinfo-location && uname -a > {facts}/uname-a && "
         f"uname -r > {facts}/uname-r && uname -n > {facts}/uname-n && "
-        f"grep btime /proc/stat > {facts}/btime"
+        f"grep btime /proc/stat > {facts}/btime && "
+        f"echo '<{KMSG_LEVEL}>{KMSG_MARKER}' > /dev/kmsg"
     ).check()
     before = snapshot(guest, witness)
     # While collect runs, its resident anonymous memory is sampled: the capture's own

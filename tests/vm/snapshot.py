@@ -1,4 +1,5 @@
-"""Run inside a test guest: what the guest's /proc says about its processes, modules, CPUs and memory.
+"""Run inside a test guest: what the guest's /proc says about its processes, modules, CPUs and
+memory, and the kernel log as /dev/kmsg gives it.
 
 Standard library only, written apart from the collector, so the helpers' tests compare the
 collector's reading of a capture with the kernel's own account. Prints one JSON document.
@@ -114,6 +115,43 @@ def packed(path: str) -> str | None:
     return base64.b64encode(b"".join(out)).decode()
 
 
+def kmsg() -> list[dict] | None:
+    """Every record /dev/kmsg holds (kernel/printk/printk.c's devkmsg_read): one read gives one
+    record, ``prio,seq,usec,flags[,...];text`` then ``KEY=value`` lines, until EAGAIN."""
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    records = []
+    try:
+        while True:
+            try:
+                raw = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                break
+            except OSError as error:  # EPIPE: records were overwritten under the reader
+                if error.errno == 32:
+                    continue
+                raise
+            if not raw:
+                break
+            head, _, body = raw.decode("utf-8", "replace").partition(";")
+            prio, seq, usec, *_ = head.split(",")
+            text, *props = body.rstrip("\n").split("\n")
+            records.append(
+                {
+                    "prio": int(prio),
+                    "seq": int(seq),
+                    "usec": int(usec),
+                    "text": text,
+                    "dict": [p.strip() for p in props],
+                }
+            )
+    finally:
+        os.close(fd)
+    return records
+
+
 def main(argv: list[str]) -> None:
     with_maps = {int(a) for a in argv}
     processes = {}
@@ -149,6 +187,7 @@ def main(argv: list[str]) -> None:
             "possible": (possible or "").strip(),
             "memory": {name: _read(f"/proc/{name}") for name in MEMORY_FILES},
             "kpageflags": packed("/proc/kpageflags"),
+            "kmsg": kmsg(),
         },
         sys.stdout,
     )
