@@ -22,6 +22,8 @@ PATH_MAX = 4096
 #: The most steps (one per dentry or mount crossed) a path walk takes: a path that fits in
 #: PATH_MAX has at most PATH_MAX / 2 components, and a mount is crossed at most once each.
 MAX_DEPTH = 2 * PATH_MAX
+#: The longest path :func:`seq_path` gives: MAX_DEPTH names of NAME_MAX (255) bytes each.
+SEQ_PATH_MAX = MAX_DEPTH * 256
 
 _DELETED = b" (deleted)"
 
@@ -205,6 +207,35 @@ def d_path(
     if len(out) > budget:
         raise PathTooLong(f"d_path: ...{out[-64:]!r} does not fit in {max_len} bytes")
     return out + _DELETED if deleted else out
+
+
+def mangle_path(path: bytes, esc: bytes) -> bytes:
+    """``mangle_path()`` (fs/seq_file.c): each byte of ``esc`` in ``path`` written as a
+    backslash and three octal digits, as /proc/PID/maps writes a newline (``\\012``)."""
+    if not esc:
+        return path
+    return b"".join(b"\\%03o" % c if c in esc else bytes((c,)) for c in path)
+
+
+def seq_path(
+    path: Object,
+    esc: bytes = b"",
+    *,
+    root: Object | None = None,
+    max_len: int = SEQ_PATH_MAX,
+    max_depth: int = MAX_DEPTH,
+) -> bytes:
+    """``seq_path()``/``seq_file_path()`` (fs/seq_file.c): :func:`d_path` with the bytes of
+    ``esc`` escaped (:func:`mangle_path`), as /proc/PID/maps (``esc`` ``"\\n"``) and
+    /proc/PID/mountinfo print paths.
+
+    A seq_file grows its buffer until the line fits, so such a path is not held to PATH_MAX;
+    ``max_len`` bounds it (a path that could not fit in memory is a broken one).
+
+    :param path: ``struct path *`` (``&file->f_path``) or ``struct path``.
+    :param root: as :func:`d_path`.
+    """
+    return mangle_path(d_path(path, root=root, max_len=max_len, max_depth=max_depth), esc)
 
 
 def _d_dname(d: Object, function: int, max_len: int) -> bytes:

@@ -219,9 +219,10 @@ def _user_mm(task: Object) -> Object | None:
     return None if mm.is_null() else mm
 
 
-def _task_size_max(kernel: Kernel) -> int:
+def task_size_max(kernel: Kernel) -> int:
     """``TASK_SIZE_MAX`` (arch/x86/include/asm/page_64_types.h): the end of user space, one
-    guard page below the top of the lower canonical half."""
+    guard page below the top of the lower canonical half (2^47 with 4-level paging, 2^56
+    with 5-level); no VMA of a process ends above it."""
     return (1 << (56 if kernel.paging.levels == 5 else 47)) - PAGE_SIZE
 
 
@@ -250,7 +251,7 @@ class _UserPages:
             )
         kpaging = kernel.paging
         self.paging = kernel.profile.Paging(kernel.memory, top, kpaging.levels, kpaging.sme_mask)
-        self.end = _task_size_max(kernel)
+        self.end = task_size_max(kernel)
         self.physmem_bits = _max_physmem_bits(kernel)
 
     def read(self, address: int, size: int) -> bytes:
@@ -466,6 +467,13 @@ VM_EXEC = 0x4
 VM_MAYSHARE = 0x80
 #: include/linux/kdev_t.h: the kernel's dev_t keeps the minor number in its low 20 bits.
 MINORBITS = 20
+#: include/linux/mm_types.h ANON_VMA_NAME_MAX_LEN: the longest name prctl() accepts.
+ANON_VMA_NAME_MAX_LEN = 80
+#: arch/x86/include/asm/mmu.h: bit 1 of ``mm->context.flags`` (MM_CONTEXT_HAS_VSYSCALL, a
+#: mask until 6.4 and a bit number since; the same bit either way).
+MM_CONTEXT_HAS_VSYSCALL = 1 << 1
+#: arch/x86/entry/vsyscall/vsyscall_64.c: ``enum { EMULATE, XONLY, NONE } vsyscall_mode``.
+VSYSCALL_NONE = 2
 
 
 def _struct(obj: Object) -> Object:
@@ -475,23 +483,37 @@ def _struct(obj: Object) -> Object:
 def for_each_vma(mm: Object, max_count: int = DEFAULT_MAX_COUNT) -> Iterator[Object]:
     """``for_each_vma(vmi, vma)``: every VMA of an address space, by increasing address.
 
+    Each VMA is checked against the address space it was reached from: its ``vm_mm`` is
+    ``mm`` (set when the VMA is allocated and never changed; a VMA freed and reused while a
+    capture ran belongs to another) and its bounds are where the tree or list files it.
+
     :param mm: ``struct mm_struct *`` (NULL, as a kernel thread's ``task->mm`` is, has none)
     :param max_count: the most VMAs before the address space is called broken.
     :returns: ``struct vm_area_struct`` objects.
-    :raises BrokenStructure: a broken maple tree or list, or a VMA whose bounds are not the
-        range the tree files it under.
+    :raises BrokenStructure: a broken maple tree or list, a VMA of another address space, or
+        a VMA whose bounds are not the range the tree files it under.
     """
     if mm.is_null():
         return
     mm = _struct(mm)
     kernel = mm.kernel
     vma_type = kernel.type("struct vm_area_struct")
+
+    def checked(address: int) -> Object:
+        vma = kernel.object(vma_type, address)
+        owner = vma.vm_mm.value()
+        if owner != mm.address:
+            raise BrokenStructure(
+                f"mm {mm.address:#x}: VMA {address:#x} belongs to mm {owner:#x}: freed and reused"
+            )
+        return vma
+
     if mm.type.resolved().has_member("mm_mt"):
         # 6.1 keeps VMAs in a maple tree ("mm: start tracking VMAs with maple tree"), each
         # filed under [vm_start, vm_end - 1], and drops the list ("mm: remove the vma
         # linked list").
         for first, last, entry in mt_for_each(mm.member("mm_mt"), max_count=max_count):
-            vma = kernel.object(vma_type, entry.value())
+            vma = checked(entry.value())
             start, end = int(vma.vm_start), int(vma.vm_end)
             if (start, end - 1) != (first, last):
                 raise BrokenStructure(
@@ -512,7 +534,7 @@ def for_each_vma(mm: Object, max_count: int = DEFAULT_MAX_COUNT) -> Iterator[Obj
         seen.add(address)
         if len(seen) > max_count:
             raise BrokenStructure(f"mm {mm.address:#x}: more than {max_count} VMAs")
-        vma = kernel.object(vma_type, address)
+        vma = checked(address)
         start = int(vma.vm_start)
         if start < previous_end:
             raise BrokenStructure(f"mm {mm.address:#x}: VMA {address:#x} out of order")
@@ -521,13 +543,42 @@ def for_each_vma(mm: Object, max_count: int = DEFAULT_MAX_COUNT) -> Iterator[Obj
         address = vma.member("vm_next").value()
 
 
+def get_gate_vma(mm: Object) -> Object | None:
+    """``get_gate_vma(mm)`` (arch/x86/entry/vsyscall/vsyscall_64.c): the vsyscall page's
+    ``struct vm_area_struct``, which /proc/PID/maps shows after the address space's own VMAs
+    (``[vsyscall]``), or None where there is none: ``vsyscall=none``, a 32-bit process, a
+    kernel built without vsyscall emulation.
+
+    :param mm: ``struct mm_struct *``.
+    """
+    kernel = mm.kernel
+    try:
+        gate = kernel.symbol("gate_vma")
+        mode = kernel.symbol("vsyscall_mode")
+    except SymbolNotFound:
+        return None
+    if kernel.read_u32(mode) == VSYSCALL_NONE:
+        return None
+    context = _struct(mm).member("context")
+    if context.type.resolved().has_member("flags"):
+        # 4.10 ("x86/vdso: Replace calculate_addr in map_vdso() with addr") added the flag;
+        # a 32-bit process (set_personality_ia32) lacks it.
+        if not int(context.flags) & MM_CONTEXT_HAS_VSYSCALL:
+            return None
+    elif context.type.resolved().has_member("ia32_compat") and int(context.ia32_compat):
+        return None
+    return kernel.object("struct vm_area_struct", gate)
+
+
 @dataclass(frozen=True)
 class MapsEntry:
-    """What one /proc/PID/maps line says of a VMA, but the file's path.
+    """What one /proc/PID/maps line says of a VMA, but a file's path.
 
     ``file`` is the ``struct file *`` of a file mapping (None for anonymous memory): its
-    path is ``d_path(&file->f_path)``. ``name`` is the name shown for a mapping without a
-    file (``[heap]``, ``[stack]``, ``[vdso]``, ``[anon:NAME]``), None if it has none.
+    path is ``d_path(&file->f_path)`` (see :func:`collector.helpers.fs.seq_path`). ``name``
+    is the name shown instead of a path: ``[heap]``, ``[stack]``, ``[vdso]``, ``[vvar]``,
+    ``[vsyscall]``, ``[anon:NAME]``, or ``[anon_shmem:NAME]`` for a named shared anonymous
+    mapping (which has a file); None if the line shows a path or nothing.
     """
 
     start: int
@@ -550,21 +601,28 @@ class MapsEntry:
             + ("s" if self.flags & VM_MAYSHARE else "p")
         )
 
+    @property
+    def needs_path(self) -> bool:
+        """Whether the line ends in the file's path (a file mapping without a name)."""
+        return self.file is not None and self.name is None
+
     def line(self, path: str | None = None) -> str:
         """The /proc/PID/maps line (without its newline); ``path`` names a file mapping."""
         head = (
             f"{self.start:08x}-{self.end:08x} {self.perms} {self.offset:08x}"
             f" {self.major:02x}:{self.minor:02x} {self.inode} "
         )
-        name = path if self.file is not None else self.name
+        name = path if self.needs_path else self.name
         # show_map_vma() pads the name to a column 25 + 6 * sizeof(void *) characters in.
         return head if name is None else head.ljust(25 + 6 * 8 - 1) + " " + name
 
 
 def show_map_vma(vma: Object) -> MapsEntry:
-    """The facts fs/proc/task_mmu.c's ``show_map_vma()`` prints for one VMA.
+    """The facts fs/proc/task_mmu.c's ``show_map_vma()`` prints for one VMA (its name
+    as ``get_vma_name()`` gives it since 6.11, and the same rules before).
 
     :param vma: ``struct vm_area_struct *``
+    :raises NotApplicable: the VMA is named by a ``vm_ops->name`` method not rendered here.
     """
     vma = _struct(vma)
     flags = int(vma.vm_flags)
@@ -575,6 +633,10 @@ def show_map_vma(vma: Object) -> MapsEntry:
         )
     inode = file.f_inode
     dev = int(inode.i_sb.s_dev)
+    # 6.2 ("mm: anonymous shared memory naming") lets a shared anonymous mapping (a shmem
+    # file) carry a prctl() name; before, anon_name shared a union with the file-only
+    # vma->shared and meant nothing for a file.
+    anon = _anon_vma_name(vma) if _anon_name_outside_union(vma) else None
     return MapsEntry(
         int(vma.vm_start),
         int(vma.vm_end),
@@ -584,51 +646,99 @@ def show_map_vma(vma: Object) -> MapsEntry:
         dev & ((1 << MINORBITS) - 1),
         int(inode.i_ino),
         file.deref(),
-        None,
+        None if anon is None else f"[anon_shmem:{anon}]",
     )
 
 
+def _anon_name_outside_union(vma: Object) -> bool:
+    t = vma.type.resolved()
+    if not t.has_member("anon_name"):
+        return False
+    if not t.has_member("shared"):
+        return True
+    return t.member("anon_name")[0] != t.member("shared")[0]
+
+
+def _anon_vma_name(vma: Object) -> str | None:
+    """``anon_vma_name(vma)->name``: a prctl(PR_SET_VMA_ANON_NAME) name, or None.
+
+    CONFIG_ANON_VMA_NAME (5.17, "mm: add a field to store names for private anonymous
+    memory") adds ``vma->anon_name``; a kernel built without it has no member.
+    """
+    if vma.vm_mm.is_null() or not vma.type.resolved().has_member("anon_name"):
+        return None
+    anon = vma.member("anon_name")
+    if anon.is_null():
+        return None
+    # name[] is a flexible array: read it as the C string it is.
+    text = vma.kernel.read_cstring(anon.member("name").address, ANON_VMA_NAME_MAX_LEN + 1)
+    return text.decode("utf-8", "backslashreplace")
+
+
 def _anonymous_name(vma: Object) -> str | None:
-    """The name /proc/PID/maps gives a VMA without a file (get_vma_name() in 6.11+)."""
-    kernel = vma.kernel
-    start, end = int(vma.vm_start), int(vma.vm_end)
-    special = _special_mapping_name(vma)
+    """The name /proc/PID/maps gives a VMA without a file (``get_vma_name()`` in 6.11+,
+    inline in ``show_map_vma()`` before)."""
+    special = _vm_ops_name(vma)
     if special is not None:
         return special
     mm = vma.vm_mm
     if mm.is_null():
         return "[vdso]"
-    if start <= int(mm.brk) and end >= int(mm.start_brk):
+    start, end = int(vma.vm_start), int(vma.vm_end)
+    start_brk, brk = int(mm.start_brk), int(mm.brk)
+    if _initial_heap_is_strict(vma.kernel):
+        heap = start < brk and end > start_brk
+    else:
+        heap = start <= brk and end >= start_brk
+    if heap:
         return "[heap]"
     start_stack = int(mm.start_stack)
     if start <= start_stack <= end:
         return "[stack]"
-    # CONFIG_ANON_VMA_NAME (5.17, "mm: add a field to store names for private anonymous
-    # memory"): prctl(PR_SET_VMA_ANON_NAME) names.
-    if vma.type.resolved().has_member("anon_name"):
-        anon = vma.member("anon_name")
-        if not anon.is_null():
-            # name[] is a flexible array: read it as the C string it is.
-            text = kernel.read_cstring(anon.member("name").address, 256)
-            return "[anon:" + text.decode("utf-8", "backslashreplace") + "]"
-    return None
+    # The kernel asks whether the VMA has a file first (anon_vma_name() gave NULL for one
+    # before 6.2); here the VMA has none.
+    anon = _anon_vma_name(vma)
+    return None if anon is None else f"[anon:{anon}]"
 
 
-def _special_mapping_name(vma: Object) -> str | None:
-    """``vma->vm_ops->name(vma)`` for install_special_mapping()'s VMAs (the vDSO and vvar
-    pages): their vm_ops is ``special_mapping_vmops`` and vm_private_data their
-    ``struct vm_special_mapping``, whose ``name`` the callback returns."""
-    kernel = vma.kernel
-    ops = vma.vm_ops.value()
-    if not ops:
-        return None
+def _initial_heap_is_strict(kernel: Kernel) -> bool:
+    """Whether ``[heap]`` needs the VMA to overlap ``[start_brk, brk)`` rather than touch it.
+
+    6.6's ``vma_is_initial_heap()`` ("mm: factor out VMA stack and heap checks") asks
+    ``vm_start < brk && vm_end > start_brk``; before, ``show_map_vma()`` asked ``<=`` and
+    ``>=``, so a VMA ending right at ``start_brk`` was ``[heap]`` too. The change is in
+    inline code and leaves no trace in BTF or the symbols, so the release says which rule
+    the kernel follows; an unreadable release gets the newer rule.
+    """
+    release = kernel.release or ""
+    parts = release.split(".", 2)
     try:
-        special = kernel.symbol("special_mapping_vmops")
-    except SymbolNotFound:
+        major, minor = int(parts[0]), int("".join(c for c in parts[1][:3] if c.isdigit()))
+    except (ValueError, IndexError):
+        return True
+    return (major, minor) >= (6, 6)
+
+
+def _vm_ops_name(vma: Object) -> str | None:
+    """``vma->vm_ops->name(vma)``, for the methods that name VMAs on x86_64: those of
+    ``_install_special_mapping()`` (the vDSO and vvar pages, ``special_mapping_name``: the
+    ``name`` of the ``struct vm_special_mapping`` in ``vm_private_data``) and the vsyscall
+    page's ``gate_vma_name`` (``[vsyscall]``)."""
+    kernel = vma.kernel
+    ops = vma.vm_ops
+    if ops.is_null():
         return None
-    if ops != special:
+    function = ops.member("name").value()
+    if not function:
         return None
-    mapping = vma.vm_private_data.cast(kernel.type("struct vm_special_mapping *"))
-    if mapping.is_null():
-        return None
-    return mapping.name.text(64)
+    hit = kernel.symbols.address_to_symbol(function, max_offset=0)
+    method = hit[0] if hit else f"{function:#x}"
+    if method == "gate_vma_name":
+        return "[vsyscall]"
+    if method == "special_mapping_name":
+        mapping = vma.vm_private_data.cast(kernel.type("struct vm_special_mapping *"))
+        return None if mapping.is_null() else mapping.member("name").text(64)
+    raise NotApplicable(
+        f"VMA {vma.address:#x} is named by its vm_ops->name method {method}, which is code,"
+        " not data: it is not rendered offline"
+    )

@@ -13,6 +13,8 @@ from collector.helpers.fs import (
     d_unlinked,
     dentry_path,
     dentry_path_raw,
+    mangle_path,
+    seq_path,
 )
 from collector.kernel.object import Object
 from collector.testing import SyntheticKernel
@@ -287,3 +289,14 @@ def test_too_deep_and_too_long_paths() -> None:
         d_path(o["M1"], o.dentry(very_long))
     with pytest.raises(PathTooLong):
         dentry_path(o.dentry(very_long))
+
+
+def test_seq_path_escapes_as_proc_pid_maps_does() -> None:
+    t, n = build()
+    n["odd"] = t.dentry(b"two\nlines", n["R1"])
+    p = t.path(n["M1"], n["odd"])
+    o = View(t, n)
+    path = o.kernel.object("struct path", p)
+    assert seq_path(path, b"\n") == b"/host/two\\012lines"
+    assert seq_path(path) == b"/host/two\nlines"
+    assert mangle_path(b"a b\tc", b" \t") == b"a\\040b\\011c"

@@ -93,7 +93,9 @@ def build(decls: str) -> tuple[SyntheticKernel, int, list[int]]:
     mm = sk.new("struct mm_struct", start_brk=0x55D0C1000000, brk=0x55D0C1021000)
     sk.set(mm, "struct mm_struct", "start_stack", 0x7FFD00020F00)
     has_anon_name = "anon_name" in decls
-    ops = sk.global_("special_mapping_vmops", "struct vm_operations_struct")
+    # special_mapping_vmops.name = special_mapping_name, the method that names the vDSO
+    name_method = sk.global_("special_mapping_name", "u64")
+    ops = sk.global_("special_mapping_vmops", "struct vm_operations_struct", name=name_method)
     vdso_name = sk.new("struct vm_special_mapping")
     name_text = sk.alloc(8)
     sk.write(name_text, b"[vdso]\0")
@@ -507,3 +509,59 @@ def test_a_cmdline_page_that_is_not_there_raises() -> None:
     kernel = sk.kernel()
     with pytest.raises(UserPageNotCaptured, match="excluded"):
         cmdline(kernel.object("struct task_struct", task))
+
+
+def test_a_vma_of_another_address_space_is_a_broken_structure() -> None:
+    for decls in (NEW, OLD):
+        sk, mm, vmas = build(decls)
+        other = sk.new("struct mm_struct")
+        sk.set(vmas[3], "struct vm_area_struct", "vm_mm", other)
+        got = for_each_vma(sk.kernel().object("struct mm_struct", mm))
+        with pytest.raises(BrokenStructure, match=f"VMA {vmas[3]:#x} belongs to mm {other:#x}"):
+            list(got)
+
+
+@pytest.mark.parametrize(
+    ("release", "touching"), [("6.1.0-57-amd64", "[heap]"), ("6.12.117+deb12-amd64", None)]
+)
+def test_a_vma_touching_the_heap_is_heap_before_6_6_only(release: str, touching: str) -> None:
+    # [start_brk, brk) = [0x10000, 0x12000): one VMA inside, one ending at start_brk, one
+    # starting at brk; 6.6's vma_is_initial_heap() wants an overlap, older kernels a touch.
+    sk = SyntheticKernel(OLD, release=release)
+    mm = sk.new("struct mm_struct", start_brk=0x10000, brk=0x12000)
+    spans = [(0xE000, 0x10000), (0x10000, 0x12000), (0x12000, 0x13000)]
+    vmas = [sk.new("struct vm_area_struct", vm_start=a, vm_end=b, vm_mm=mm) for a, b in spans]
+    kernel = sk.kernel()
+    names = [show_map_vma(kernel.object("struct vm_area_struct", v)).name for v in vmas]
+    assert names == [touching, "[heap]", touching]
+
+
+def test_named_shared_anonymous_memory_is_anon_shmem_from_6_2() -> None:
+    # 6.2 moved anon_name out of the union with vma->shared: a shmem file may carry a name.
+    sk, _mm, vmas = build(NEW)
+    name = sk.alloc(64)
+    sk.write(name + 4, b"ring\0")
+    sk.set(vmas[6], "struct vm_area_struct", "anon_name", name)
+    entry = show_map_vma(sk.kernel().object("struct vm_area_struct", vmas[6]))
+    assert (entry.name, entry.needs_path, entry.inode) == ("[anon_shmem:ring]", False, 99)
+    assert entry.line("/dev/shm/x").endswith(" [anon_shmem:ring]")
+    # 5.17-6.1: anon_name shares a union with vma->shared, and a file's is not a name.
+    sk, _mm, vmas = build(OLD.replace("void *vm_private_data;", UNION_6_1))
+    sk.set(vmas[6], "struct vm_area_struct", "shared.rb", 0x1234)
+    entry = show_map_vma(sk.kernel().object("struct vm_area_struct", vmas[6]))
+    assert entry.name is None and entry.needs_path
+
+
+UNION_6_1 = (
+    "void *vm_private_data; union { struct { void *rb; unsigned long last; } shared;"
+    " struct anon_vma_name *anon_name; };"
+)
+
+
+def test_a_vma_named_by_an_unknown_method_says_so() -> None:
+    sk, _mm, vmas = build(NEW)
+    method = sk.global_("drm_vma_name", "u64")
+    ops = sk.global_("drm_vm_ops", "struct vm_operations_struct", name=method)
+    sk.set(vmas[4], "struct vm_area_struct", "vm_ops", ops)
+    with pytest.raises(NotApplicable, match="vm_ops->name method drm_vma_name"):
+        show_map_vma(sk.kernel().object("struct vm_area_struct", vmas[4]))
