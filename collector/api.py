@@ -23,7 +23,14 @@ See docs/plugins.md for the guide.
 from __future__ import annotations
 
 from collector.errors import BrokenStructure, CollectorError, ImageError, NotApplicable
-from collector.helpers.fs import PathTooLong, d_path, d_unlinked, dentry_path, dentry_path_raw
+from collector.helpers.fs import (
+    PathTooLong,
+    d_path,
+    d_unlinked,
+    dentry_path,
+    dentry_path_raw,
+    seq_path,
+)
 from collector.helpers.idr import idr_find, idr_for_each
 from collector.helpers.list import (
     hlist_empty,
@@ -47,6 +54,7 @@ from collector.helpers.mm import (
     cmdline,
     environ,
     for_each_vma,
+    get_gate_vma,
     page_address,
     page_to_pfn,
     page_to_phys,
@@ -152,6 +160,7 @@ __all__ = [
     "for_each_task",
     "for_each_thread",
     "for_each_vma",
+    "get_gate_vma",
     "hlist_empty",
     "hlist_for_each",
     "hlist_for_each_entry",
@@ -201,6 +210,7 @@ __all__ = [
     "rb_prev",
     "rbtree_inorder_for_each",
     "rbtree_inorder_for_each_entry",
+    "seq_path",
     "show_map_vma",
     "task_cred_ids",
     "task_state",

@@ -561,8 +561,8 @@ def get_gate_vma(mm: Object) -> Object | None:
         return None
     context = _struct(mm).member("context")
     if context.type.resolved().has_member("flags"):
-        # 4.10 ("x86/vdso: Replace calculate_addr in map_vdso() with addr") added the flag;
-        # a 32-bit process (set_personality_ia32) lacks it.
+        # set_personality_64bit() sets MM_CONTEXT_HAS_VSYSCALL; a 32-bit process lacks it.
+        # Older kernels mark the 32-bit process instead (context.ia32_compat).
         if not int(context.flags) & MM_CONTEXT_HAS_VSYSCALL:
             return None
     elif context.type.resolved().has_member("ia32_compat") and int(context.ia32_compat):
