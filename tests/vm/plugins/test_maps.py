@@ -63,8 +63,7 @@ def check_every_user_process_has_a_map(capture: Capture, kernel: Kernel) -> None
         pid: p
         for pid, p in stable.items()
         if not p["flags"] & PF_KTHREAD
-        and p["state"][0] != "Z"
-        and p["state"][0] == capture.after["processes"][str(pid)]["state"][0]
+        and "Z" not in (p["state"][0], capture.after["processes"][str(pid)]["state"][0])
     }
     result = analyze_kernel(kernel, "maps")
     assert result.error is None
