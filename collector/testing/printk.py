@@ -246,7 +246,8 @@ class PrintkRing:
     def _data_push_tail(self, lpos: int) -> None:
         """data_push_tail(): move the data tail to ``lpos``, making the records whose blocks it
         passes reusable (data_make_reusable())."""
-        while ((lpos - self.tail_lpos) & MASK64) - 1 < self.size:
+        # (lpos - tail_lpos) - 1 < DATA_SIZE in unsigned long: the tail is behind lpos.
+        while (lpos - self.tail_lpos - 1) & MASK64 < self.size:
             at = self.tail_lpos & (self.size - 1)
             (id_,) = struct.unpack("<Q", self.sk.read(self.data + at, 8))
             index = id_ & (self.count - 1)
