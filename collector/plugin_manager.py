@@ -43,6 +43,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "collector.plugins.kallsyms",
     "collector.plugins.pages",
     "collector.plugins.maps",
+    "collector.plugins.dmesg",
 )
 
 #: Third-party plugins declare ``[project.entry-points.collector] name = "module"``.

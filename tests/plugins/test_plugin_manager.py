@@ -126,9 +126,11 @@ def test_builtins_load_in_order_with_the_collector_version() -> None:
         PluginInfo("kallsyms", collector.__version__, "builtin"),
         PluginInfo("pages", collector.__version__, "builtin"),
         PluginInfo("maps", collector.__version__, "builtin"),
+        PluginInfo("dmesg", collector.__version__, "builtin"),
     ]
     assert [(r.analysis.name, r.plugin.name) for r in manager.analyses()] == [
         ("buddyinfo", "pages"),
+        ("dmesg", "dmesg"),
         ("kallsyms", "kallsyms"),
         ("maps", "maps"),
         ("pages", "pages"),
@@ -151,7 +153,7 @@ def test_environment_variable_turns_entry_points_off(
 ) -> None:
     monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, value)
     names = [p.name for p in PluginManager().plugins]
-    builtins = ["sysinfo", "kallsyms", "pages", "maps"]
+    builtins = ["sysinfo", "kallsyms", "pages", "maps", "dmesg"]
     assert names == ([*builtins, "third"] if loaded else builtins)
 
 
@@ -490,15 +492,17 @@ def test_plugins_lists_each_plugin_with_version_source_and_analyses(
     v = collector.__version__
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["name", "version", "source", "analysis", "summary"]
-    assert len(lines) == 8
-    assert [line.split()[:4] for line in lines[2:7]] == [
+    builtin = [
         ["sysinfo", v, "builtin", "sysinfo"],
         ["kallsyms", v, "builtin", "kallsyms"],
         ["pages", v, "builtin", "buddyinfo"],
         ["pages", v, "builtin", "pages"],
         ["maps", v, "builtin", "maps"],
+        ["dmesg", v, "builtin", "dmesg"],
     ]
-    assert lines[7].split() == [
+    assert len(lines) == 2 + len(builtin) + 1
+    assert [line.split()[:4] for line in lines[2:-1]] == builtin
+    assert lines[-1].split() == [
         "third",
         "3.1.4",
         "entry",
