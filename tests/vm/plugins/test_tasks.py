@@ -156,7 +156,10 @@ def check_psaux(capture: Capture, kernel: Kernel) -> None:
         # root; the image names it from the process's own: the same for every process here.
         assert aux[pid]["exe"] == p["exe"], (pid, p["comm"])
         exes += p["exe"] is not None
-    assert compared >= 2 and kthreads > 30 and exes >= 2, (compared, kthreads, exes)
+    # The guest is small: its init and the witness are its user processes, and either's
+    # arguments may have moved while the capture ran.
+    assert compared + len(moved) >= 2 and compared >= 1, (compared, moved)
+    assert kthreads > 30 and exes >= 2, (kthreads, exes)
     print(
         f"{kernel.release}: psaux: {compared} user command lines and {exes} executables match"
         f" /proc, {kthreads} kernel threads shown as [comm]; arguments moved: {moved}"
