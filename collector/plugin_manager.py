@@ -42,6 +42,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "collector.plugins.sysinfo",
     "collector.plugins.kallsyms",
     "collector.plugins.pages",
+    "collector.plugins.tasks",
     "collector.plugins.maps",
     "collector.plugins.dmesg",
 )

@@ -119,23 +119,26 @@ def third_party(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 # -- loading -------------------------------------------------------------------------------
 
 
+#: The built-in plugins in loading order, each with its analyses (written out here, apart from
+#: BUILTIN_PLUGINS, so that a plugin added, lost or reordered shows).
+BUILTINS: list[tuple[str, list[str]]] = [
+    ("sysinfo", ["sysinfo"]),
+    ("kallsyms", ["kallsyms"]),
+    ("pages", ["buddyinfo", "pages"]),
+    ("tasks", ["psaux", "pslist", "pstree"]),
+    ("maps", ["maps"]),
+    ("dmesg", ["dmesg"]),
+]
+
+
 def test_builtins_load_in_order_with_the_collector_version() -> None:
     manager = PluginManager(autoload=False)
     assert manager.plugins == [
-        PluginInfo("sysinfo", collector.__version__, "builtin"),
-        PluginInfo("kallsyms", collector.__version__, "builtin"),
-        PluginInfo("pages", collector.__version__, "builtin"),
-        PluginInfo("maps", collector.__version__, "builtin"),
-        PluginInfo("dmesg", collector.__version__, "builtin"),
+        PluginInfo(name, collector.__version__, "builtin") for name, _ in BUILTINS
     ]
-    assert [(r.analysis.name, r.plugin.name) for r in manager.analyses()] == [
-        ("buddyinfo", "pages"),
-        ("dmesg", "dmesg"),
-        ("kallsyms", "kallsyms"),
-        ("maps", "maps"),
-        ("pages", "pages"),
-        ("sysinfo", "sysinfo"),
-    ]
+    assert [(r.analysis.name, r.plugin.name) for r in manager.analyses()] == sorted(
+        (analysis, plugin) for plugin, analyses in BUILTINS for analysis in analyses
+    )
 
 
 def test_entry_point_plugin_loads_with_its_distribution_version(third_party) -> None:
@@ -153,7 +156,7 @@ def test_environment_variable_turns_entry_points_off(
 ) -> None:
     monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, value)
     names = [p.name for p in PluginManager().plugins]
-    builtins = ["sysinfo", "kallsyms", "pages", "maps", "dmesg"]
+    builtins = [name for name, _ in BUILTINS]
     assert names == ([*builtins, "third"] if loaded else builtins)
 
 
@@ -493,12 +496,7 @@ def test_plugins_lists_each_plugin_with_version_source_and_analyses(
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["name", "version", "source", "analysis", "summary"]
     builtin = [
-        ["sysinfo", v, "builtin", "sysinfo"],
-        ["kallsyms", v, "builtin", "kallsyms"],
-        ["pages", v, "builtin", "buddyinfo"],
-        ["pages", v, "builtin", "pages"],
-        ["maps", v, "builtin", "maps"],
-        ["dmesg", v, "builtin", "dmesg"],
+        [plugin, v, "builtin", analysis] for plugin, analyses in BUILTINS for analysis in analyses
     ]
     assert len(lines) == 2 + len(builtin) + 1
     assert [line.split()[:4] for line in lines[2:-1]] == builtin
