@@ -8,13 +8,22 @@ through ``tasks`` (``for_each_process``); the threads of a group through
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from collector.errors import NotApplicable
-from collector.helpers.list import DEFAULT_MAX_COUNT, list_for_each_entry
+from construct import ConstructError
+
+from collector.errors import BrokenStructure, CollectorError, ImageError, NotApplicable
+from collector.helpers.list import (
+    DEFAULT_MAX_COUNT,
+    LIST_POISON2,
+    list_for_each,
+    list_for_each_entry,
+    list_for_each_reverse,
+)
 from collector.helpers.pid import find_pid, pid_task
 from collector.kernel.object import Object, ObjectError
+from collector.memory import PageNotCaptured
 
 if TYPE_CHECKING:
     from collector.kernel.kernel import Kernel
@@ -50,11 +59,141 @@ TASK_STATE_ARRAY = (
 PF_KTHREAD = 0x00200000
 
 
+#: ``PID_MAX_LIMIT`` (include/linux/threads.h) on 64-bit: no PID reaches it.
+PID_MAX_LIMIT = 4 * 1024 * 1024
+
+#: The errors reading one task can meet: a page the image lacks, an address no table maps,
+#: a broken structure, bytes construct cannot parse.
+_READ_ERRORS = (CollectorError, ConstructError)
+
+
+class ProcessEntry:
+    """A process found on ``init_task.tasks``: its task, why it is torn (None when it is
+    not) and what to say about the list where it was found (None when nothing)."""
+
+    __slots__ = ("note", "task", "torn")
+
+    def __init__(self, task: Object, torn: str | None) -> None:
+        self.task = task
+        self.torn = torn
+        self.note: str | None = None
+
+
+def torn_reason(task: Object, leader: int | None = None) -> str | None:
+    """Why a task read from a list cannot be trusted, or None: unlinked while the capture
+    ran, an ID out of range, a leader that is not its group's (or, given ``leader``, a
+    thread of another group), a task_struct the image lacks."""
+    try:
+        # list_del_rcu() leaves ->next for RCU readers and poisons ->prev
+        # (include/linux/rculist.h): a process reaped while the capture ran, still reachable
+        # from the entry before it, its task_struct on its way to being freed.
+        if leader is None and task.tasks.prev.value() == LIST_POISON2:
+            return (
+                "exited while the capture ran: unlinked from init_task.tasks (tasks.prev is"
+                " LIST_POISON2)"
+            )
+        pid = task.pid.value()
+        tgid = task.tgid.value()
+    except _READ_ERRORS as e:
+        return f"torn record: {e}"
+    if not 1 <= pid < PID_MAX_LIMIT:
+        return f"torn record: pid {pid} is outside 1..{PID_MAX_LIMIT - 1}"
+    if leader is not None:
+        if tgid != leader:
+            return f"torn record: tgid {tgid} is not its leader's pid {leader}"
+    elif tgid != pid:
+        return f"torn record: tgid {tgid} is not its pid {pid}"
+    return None
+
+
+def for_each_process_entry(
+    kernel: Kernel,
+    max_count: int = DEFAULT_MAX_COUNT,
+    validate: Callable[[Object], None] | None = None,
+    validate_count: int = 0,
+) -> Iterator[ProcessEntry]:
+    """Every process on ``init_task.tasks``, the idle task excluded, each with why it cannot
+    be trusted (:attr:`ProcessEntry.torn`), streamed in list order.
+
+    A live capture reads the list over seconds while processes come and go, so it can break
+    at a process that exited meanwhile (its memory freed and reused, or its links poisoned).
+    Going forward stops at the first bad link; the list is then walked backwards from
+    ``init_task`` (through ``prev``) up to the part already seen, and the break is said in
+    the notes of the entries on either side of it. A break right after a torn entry (one
+    unlinked or with impossible IDs) is what exiting processes do and ends the walk quietly;
+    a break after a sound entry that the backward walk cannot bridge is a list that does
+    not close: :class:`BrokenStructure`, after the entries found.
+
+    :param validate: called on each of the first ``validate_count`` tasks going forward;
+        what it raises ends the walk (a plugin's plausibility check).
+    """
+    init_task = kernel.variable("init_task")
+    head = init_task.tasks
+    seen: set[int] = set()
+    pending: ProcessEntry | None = None
+    count = 0
+    forward: CollectorError | None = None
+    nodes = list_for_each(head, max_count)
+    while True:
+        try:
+            node = next(nodes, None)
+        except (ImageError, PageNotCaptured) as e:
+            forward = e
+            break
+        if node is None:
+            break
+        task = node.container_of(init_task.type, "tasks")
+        if validate is not None and count < validate_count:
+            validate(task)
+        count += 1
+        seen.add(node.address)
+        if pending is not None:
+            yield pending
+        pending = ProcessEntry(task, torn_reason(task))
+    if forward is None:
+        if pending is not None:
+            yield pending
+        return
+
+    recovered: list[ProcessEntry] = []
+    backward: CollectorError | None = None
+    try:
+        for node in list_for_each_reverse(head, max_count):
+            if node.address in seen:
+                break
+            task = node.container_of(init_task.type, "tasks")
+            recovered.append(ProcessEntry(task, torn_reason(task)))
+    except (ImageError, PageNotCaptured) as e:
+        backward = e
+    explained = pending is not None and pending.torn is not None
+    if not recovered and not explained:
+        detail = f"; walking it backwards from init_task: {backward}" if backward else ""
+        if pending is not None:
+            yield pending
+        raise BrokenStructure(f"init_task.tasks: {forward}{detail}")
+    if pending is not None:
+        pending.note = f"init_task.tasks breaks after this process: {forward}"
+        yield pending
+    for i, entry in enumerate(reversed(recovered)):
+        if i == 0:
+            entry.note = (
+                "found walking init_task.tasks backwards from its head, past where it broke"
+                + (f" (and that walk broke too: {backward})" if backward else "")
+            )
+        yield entry
+
+
 def for_each_process(kernel: Kernel, max_count: int = DEFAULT_MAX_COUNT) -> Iterator[Object]:
     """``for_each_process()``: every thread-group leader (``struct task_struct``), in the
-    order of ``init_task.tasks``; ``init_task`` itself (the idle task, PID 0) excluded."""
-    init_task = kernel.variable("init_task")
-    return list_for_each_entry(init_task.type, init_task.tasks, "tasks", max_count)
+    order of ``init_task.tasks``; ``init_task`` itself (the idle task, PID 0) excluded.
+
+    Processes that exited while a live capture ran, or whose task_struct the image holds
+    torn, are left out, and a list broken at such a process is bridged by walking it back
+    from its head (see :func:`for_each_process_entry`, which gives them with the reason).
+    """
+    for entry in for_each_process_entry(kernel, max_count):
+        if entry.torn is None:
+            yield entry.task
 
 
 def for_each_thread(task: Object, max_count: int = DEFAULT_MAX_COUNT) -> Iterator[Object]:

@@ -15,14 +15,11 @@ from construct import ConstructError
 
 from collector.api import (
     Analysis,
-    BrokenStructure,
     CollectorError,
     Field,
-    ImageError,
     Implausible,
     Object,
     Option,
-    PageNotCaptured,
     UserPageNotCaptured,
     UserPageNotPresent,
     access_process_vm,
@@ -30,15 +27,18 @@ from collector.api import (
     for_each_thread,
     hookimpl,
     is_kthread,
-    list_for_each,
-    list_for_each_reverse,
     plausible_int,
     plausible_text,
     proc_cmdline,
     task_cred_ids,
     task_state,
 )
-from collector.helpers.list import LIST_POISON2
+from collector.helpers.sched import (
+    PID_MAX_LIMIT,
+    ProcessEntry,
+    for_each_process_entry,
+    torn_reason,
+)
 from collector.kernel.btf import Kind
 from collector.plugins.sysinfo import getboottime64
 
@@ -47,8 +47,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-#: ``PID_MAX_LIMIT`` (include/linux/threads.h) on 64-bit: no PID reaches it.
-PID_MAX_LIMIT = 4 * 1024 * 1024
 #: ``TASK_COMM_LEN`` (include/linux/sched.h): comm's size, its NUL included.
 TASK_COMM_LEN = 16
 #: How many processes at the head of ``init_task.tasks`` are checked strictly: they are the
@@ -209,18 +207,6 @@ def collector_analyses() -> list[Analysis]:
 # -- walking init_task.tasks ---------------------------------------------------------------------
 
 
-class Entry:
-    """A process found on ``init_task.tasks``: its task, why it is torn (None when it is not)
-    and what to say about the list where it was found."""
-
-    __slots__ = ("note", "task", "torn")
-
-    def __init__(self, task: Object, torn: str | None) -> None:
-        self.task = task
-        self.torn = torn
-        self.note: str | None = None
-
-
 def check_init_task(init_task: Object) -> None:
     """``init_task`` is the idle task: PID 0 in thread group 0, a printable name.
 
@@ -244,104 +230,15 @@ def check_process(task: Object) -> None:
     plausible_text(task.comm.value(), f"{what} (pid {pid}): comm")
 
 
-def torn_reason(task: Object, leader: int | None = None) -> str | None:
-    """Why a task read from a list cannot be trusted, or None: an ID out of range, a leader
-    that is not its group's (or, given ``leader``, a thread of another group), a task_struct
-    the image lacks."""
-    try:
-        # list_del_rcu() leaves ->next for RCU readers and poisons ->prev
-        # (include/linux/rculist.h): a process reaped while the capture ran, still reachable
-        # from the entry before it, its task_struct on its way to being freed.
-        if leader is None and task.tasks.prev.value() == LIST_POISON2:
-            return (
-                "exited while the capture ran: unlinked from init_task.tasks (tasks.prev is"
-                " LIST_POISON2)"
-            )
-        pid = task.pid.value()
-        tgid = task.tgid.value()
-    except _READ_ERRORS as e:
-        return f"torn record: {e}"
-    if not 1 <= pid < PID_MAX_LIMIT:
-        return f"torn record: pid {pid} is outside 1..{PID_MAX_LIMIT - 1}"
-    if leader is not None:
-        if tgid != leader:
-            return f"torn record: tgid {tgid} is not its leader's pid {leader}"
-    elif tgid != pid:
-        return f"torn record: tgid {tgid} is not its pid {pid}"
-    return None
+def processes(kernel: Kernel) -> Iterator[ProcessEntry]:
+    """Every process on ``init_task.tasks`` with why it is torn, a list broken by a process
+    that exited mid-capture bridged (:func:`~collector.helpers.sched.for_each_process_entry`),
+    ``init_task`` and the first :data:`STRICT_ENTRIES` processes checked strictly.
 
-
-def _entry(task: Object) -> Entry:
-    return Entry(task, torn_reason(task))
-
-
-def for_each_process_entry(kernel: Kernel) -> Iterator[Entry]:
-    """Every process on ``init_task.tasks``, the idle task excluded (as ps, /proc and
-    Volatility's linux.pslist exclude it), each checked, streamed in list order.
-
-    A live capture reads the list over seconds while processes come and go, so it can break
-    at a process that exited meanwhile (its memory freed or its links poisoned). Going
-    forward stops at the first bad link; the list is then walked backwards from
-    ``init_task`` (through ``prev``) up to the part already seen, and the break is said in
-    the notes of the records on either side of it. A break right after a torn record (one
-    unlinked or with impossible IDs) is what exiting processes do and ends the walk quietly;
-    a break after a sound record that the backward walk cannot bridge is a list that does
-    not close: :class:`BrokenStructure`, after the records found.
-
-    :raises Implausible: ``init_task`` or one of the first :data:`STRICT_ENTRIES` processes
-        holds values no kernel holds.
+    :raises Implausible: one of those holds values no kernel holds.
     """
-    init_task = kernel.variable("init_task")
-    check_init_task(init_task)
-    head = init_task.tasks
-    seen: set[int] = set()
-    pending: Entry | None = None
-    count = 0
-    forward: CollectorError | None = None
-    try:
-        for node in list_for_each(head):
-            task = node.container_of(init_task.type, "tasks")
-            if count < STRICT_ENTRIES:
-                check_process(task)
-            count += 1
-            seen.add(node.address)
-            if pending is not None:
-                yield pending
-            pending = _entry(task)
-    except Implausible:
-        raise
-    except (ImageError, PageNotCaptured) as e:
-        forward = e
-    if forward is None:
-        if pending is not None:
-            yield pending
-        return
-
-    recovered: list[Entry] = []
-    backward: CollectorError | None = None
-    try:
-        for node in list_for_each_reverse(head):
-            if node.address in seen:
-                break
-            recovered.append(_entry(node.container_of(init_task.type, "tasks")))
-    except (ImageError, PageNotCaptured) as e:
-        backward = e
-    explained = pending is not None and pending.torn is not None
-    if not recovered and not explained:
-        detail = f"; walking it backwards from init_task: {backward}" if backward else ""
-        if pending is not None:
-            yield pending
-        raise BrokenStructure(f"init_task.tasks: {forward}{detail}")
-    if pending is not None:
-        pending.note = f"init_task.tasks breaks after this process: {forward}"
-        yield pending
-    for i, entry in enumerate(reversed(recovered)):
-        if i == 0:
-            entry.note = (
-                "found walking init_task.tasks backwards from its head, past where it broke"
-                + (f" (and that walk broke too: {backward})" if backward else "")
-            )
-        yield entry
+    check_init_task(kernel.variable("init_task"))
+    yield from for_each_process_entry(kernel, validate=check_process, validate_count=STRICT_ENTRIES)
 
 
 # -- one record ----------------------------------------------------------------------------------
@@ -441,7 +338,7 @@ def task_record(ctx: Context, task: Object, notes: Notes, torn: bool) -> dict[st
     return record
 
 
-def _selected(entry: Entry, pid: int | None) -> bool:
+def _selected(entry: ProcessEntry, pid: int | None) -> bool:
     if pid is None:
         return True
     try:
@@ -456,13 +353,13 @@ def _selected(entry: Entry, pid: int | None) -> bool:
 def pslist(kernel: Kernel, threads: bool = False, pid: int | None = None) -> Iterator[dict]:
     """Every process on ``init_task.tasks`` (with ``threads``, every thread too)."""
     ctx = Context(kernel)
-    for entry in for_each_process_entry(kernel):
+    for entry in processes(kernel):
         if not _selected(entry, pid):
             continue
         yield from _process_records(ctx, entry, threads)
 
 
-def _process_records(ctx: Context, entry: Entry, threads: bool) -> Iterator[dict]:
+def _process_records(ctx: Context, entry: ProcessEntry, threads: bool) -> Iterator[dict]:
     task = entry.task
     notes = Notes(entry.torn, entry.note)
     torn = entry.torn is not None
@@ -501,7 +398,7 @@ def pstree(kernel: Kernel) -> Iterator[dict]:
     """
     nodes: list[dict[str, Any]] = []
     by_pid: dict[int, dict[str, Any]] = {}
-    for entry in for_each_process_entry(kernel):
+    for entry in processes(kernel):
         task = entry.task
         notes = Notes(entry.torn, entry.note)
         node: dict[str, Any] = {"address": task.address, "children": []}
@@ -581,13 +478,13 @@ def _tree_record(node: dict[str, Any], depth: int) -> dict[str, Any]:
 
 def psaux(kernel: Kernel, pid: int | None = None) -> Iterator[dict]:
     """Each process's command line and executable."""
-    for entry in for_each_process_entry(kernel):
+    for entry in processes(kernel):
         if not _selected(entry, pid):
             continue
         yield psaux_record(entry)
 
 
-def psaux_record(entry: Entry) -> dict[str, Any]:
+def psaux_record(entry: ProcessEntry) -> dict[str, Any]:
     task = entry.task
     notes = Notes(entry.torn, entry.note)
     record: dict[str, Any] = {"address": task.address}
