@@ -19,7 +19,7 @@ from collector.errors import CollectorError, ImageError, NotApplicable
 from collector.kernel.btf import BTF_INT_BOOL, BTF_INT_SIGNED, MAX_REF_DEPTH, Kind
 from collector.kernel.kernel import Kernel
 from collector.kernel.symbols import MAX_SYMBOL_OFFSET
-from collector.kernel.variables import GLOBALS, Global, variable_type
+from collector.kernel.variables import GLOBALS, Global, declared_type
 from collector.memory import PageNotCaptured, PhysicalMemory
 
 if TYPE_CHECKING:
@@ -33,49 +33,64 @@ MIN_DRGN = "0.1.0"
 FINDER = "collector-btf"
 SYMBOL_FINDER = "collector-kallsyms"
 
-#: Globals drgn's helpers read that :data:`GLOBALS` and BTF ``VAR`` entries do not type.
-#: Checked against the image's BTF and symbol table the same way.
+#: Globals drgn's helpers read (``prog["avenrun"]``...) that neither :data:`GLOBALS` nor a BTF
+#: ``VAR`` types, checked against the image's BTF and symbol table as GLOBALS entries are
+#: (:func:`collector.kernel.variables.declared_type`). ``[]`` is a length the kernel's
+#: configuration sets: what the symbol table leaves room for.
 DRGN_GLOBALS: dict[str, Global] = {
-    "page_offset_base": Global(
-        "unsigned long", "arch/x86/kernel/head64.c: unsigned long page_offset_base"
+    "avenrun": Global("unsigned long [3]", "kernel/sched/loadavg.c: unsigned long avenrun[3];"),
+    "init_net": Global("struct net", "net/core/net_namespace.c: struct net init_net;"),
+    "net_namespace_list": Global(
+        "struct list_head", "net/core/net_namespace.c: LIST_HEAD(net_namespace_list);"
     ),
-    "vmalloc_base": Global("unsigned long", "arch/x86/kernel/head64.c: unsigned long vmalloc_base"),
-    "vmemmap_base": Global("unsigned long", "arch/x86/kernel/head64.c: unsigned long vmemmap_base"),
-    "mod_tree": Global(
-        "struct mod_tree_root", "kernel/module/tree_lookup.c: struct mod_tree_root mod_tree"
+    "init_ipc_ns": Global(
+        "struct ipc_namespace", "ipc/msgutil.c: struct ipc_namespace init_ipc_ns"
     ),
-    "task_state_array": Global(
-        "const char * const []", "fs/proc/array.c: static const char * const task_state_array[]"
-    ),
-    "avenrun": Global("unsigned long []", "kernel/sched/loadavg.c: unsigned long avenrun[3]"),
-    "totalram_pages": Global("atomic_long_t", "mm/page_alloc.c: atomic_long_t _totalram_pages"),
-    "max_pfn": Global("unsigned long", "mm/memblock.c: unsigned long max_pfn"),
-    "min_low_pfn": Global("unsigned long", "mm/memblock.c: unsigned long min_low_pfn"),
-    "max_low_pfn": Global("unsigned long", "mm/memblock.c: unsigned long max_low_pfn"),
-    "init_user_ns": Global(
-        "struct user_namespace", "kernel/user.c: struct user_namespace init_user_ns"
-    ),
-    "init_net": Global("struct net", "net/core/net_namespace.c: struct net init_net"),
-    "init_files": Global("struct files_struct", "fs/file.c: struct files_struct init_files"),
-    "init_cred": Global("struct cred", "kernel/cred.c: struct cred init_cred"),
-    "init_fs": Global("struct fs_struct", "fs/fs_struct.c: struct fs_struct init_fs"),
     "root_task_group": Global(
-        "struct task_group", "kernel/sched/core.c: struct task_group root_task_group"
+        "struct task_group", "kernel/sched/core.c: struct task_group root_task_group;"
     ),
-    "nr_threads": Global("int", "kernel/fork.c: int nr_threads"),
-    "clear_seq": Global(
-        "struct latched_seq", "kernel/printk/printk.c: struct latched_seq clear_seq"
-    ),
-    "printk_rb_static": Global(
-        "struct printk_ringbuffer",
-        "kernel/printk/printk.c: static struct printk_ringbuffer printk_rb_static",
-    ),
-    "slab_caches": Global("struct list_head", "mm/slab_common.c: LIST_HEAD(slab_caches);"),
     "cgrp_dfl_root": Global(
         "struct cgroup_root", "kernel/cgroup/cgroup.c: struct cgroup_root cgrp_dfl_root"
     ),
-    "kernel_config_data": Global("const char []", "kernel/configs.c: kernel_config_data[]"),
+    "mod_tree": Global(
+        "struct mod_tree_root",
+        "kernel/module/main.c: struct mod_tree_root mod_tree __cacheline_aligned",
+    ),
+    "node_states": Global(
+        "nodemask_t []", "mm/page_alloc.c: nodemask_t node_states[NR_NODE_STATES]"
+    ),
+    "memblock": Global("struct memblock", "mm/memblock.c: struct memblock memblock"),
+    "min_low_pfn": Global("unsigned long", "mm/memblock.c: unsigned long min_low_pfn;"),
+    "max_low_pfn": Global("unsigned long", "mm/memblock.c: unsigned long max_low_pfn;"),
+    "__highest_present_section_nr": Global(
+        "unsigned long", "mm/sparse.c: unsigned long __highest_present_section_nr;"
+    ),
+    "vm_committed_as": Global(
+        "struct percpu_counter", "mm/util.c: struct percpu_counter vm_committed_as"
+    ),
+    "hstates": Global("struct hstate []", "mm/hugetlb.c: struct hstate hstates[HUGE_MAX_HSTATE];"),
+    "hugetlb_max_hstate": Global("int", "mm/hugetlb.c: int hugetlb_max_hstate __read_mostly;"),
+    "swap_info": Global(
+        "struct swap_info_struct *[]",
+        "mm/swapfile.c: static struct swap_info_struct *swap_info[MAX_SWAPFILES];",
+    ),
+    "nr_swapfiles": Global("unsigned int", "mm/swapfile.c: static unsigned int nr_swapfiles;"),
+    "total_swap_pages": Global("long", "mm/swapfile.c: long total_swap_pages;"),
+    "nr_swap_pages": Global("atomic_long_t", "mm/swapfile.c: atomic_long_t nr_swap_pages;"),
+    "nr_irqs": Global("int", "kernel/irq/irqdesc.c: int nr_irqs = NR_IRQS;"),
+    "sysfs_root_kn": Global(
+        "struct kernfs_node *", "fs/sysfs/mount.c: struct kernfs_node *sysfs_root_kn;"
+    ),
 }
+
+#: VMCOREINFO ``SYMBOL()`` entries that hold a variable's value, not its address
+#: (``VMCOREINFO_SYMBOL_ARRAY``: the vmemmap base and the mem_section pointer): no symbol
+#: lives there.
+VALUE_SYMBOLS = frozenset({"vmemmap", "mem_section"})
+
+#: x86_64 kernel addresses are in the upper half; kallsyms' per-CPU symbols below it are
+#: offsets into the per-CPU area, not addresses, and name nothing there.
+KERNEL_HALF = 1 << 63
 
 
 def _import_drgn() -> Any:
@@ -167,7 +182,8 @@ class KallsymsFinder:
 
     kallsyms has no sizes: a symbol runs to the next higher symbol address (at most
     :data:`collector.kernel.symbols.MAX_SYMBOL_OFFSET`), as ``kallsyms_lookup_size_offset()``
-    assumes too.
+    assumes too. Addresses below :data:`KERNEL_HALF` (per-CPU offsets) and
+    :data:`VALUE_SYMBOLS` are never the symbol of an address.
     """
 
     def __init__(self, drgn: Any, symbols: Any) -> None:
@@ -178,11 +194,14 @@ class KallsymsFinder:
 
     def _by_address(self) -> list[Any]:
         if self._sorted is None:
-            self._sorted = list(self._table)  # SymbolTable iterates in address order
+            # SymbolTable iterates in address order.
+            self._sorted = [
+                s for s in self._table if not (s.type == "?" and s.name in VALUE_SYMBOLS)
+            ]
             self._addresses = [s.address for s in self._sorted]
         return self._sorted
 
-    def _make(self, sym: Any, i: int | None = None) -> drgn.Symbol:
+    def _make(self, sym: Any) -> drgn.Symbol:
         drgn = self._drgn
         nxt = self._table.next_address(sym.address)
         size = 0 if nxt is None else min(nxt - sym.address, MAX_SYMBOL_OFFSET)
@@ -208,28 +227,36 @@ class KallsymsFinder:
     ) -> list[drgn.Symbol]:
         """drgn's symbol finder protocol: ``(prog, name, address, one)``."""
         if address is not None:
-            syms = self._by_address()
-            k = bisect.bisect_right(self._addresses, address)
-            if k == 0:
-                return []
-            start = self._addresses[k - 1]
-            if address - start > MAX_SYMBOL_OFFSET:
-                return []
-            first = bisect.bisect_left(self._addresses, start)
-            hits = [
-                self._make(s)
-                for s in syms[first:k]
-                if (name is None or s.name == name) and address < start + max(self._make(s).size, 1)
-            ]
-            return hits[:1] if one else hits
+            return self._at(name, address, one)
         if name is not None:
             sym = self._table.symbol(name)
-            if sym is None:
+            if sym is None or (sym.type == "?" and name in VALUE_SYMBOLS):
                 return []
             if one:
                 return [self._make(sym)]
             return [self._make(s) for s in self._by_address() if s.name == name]
-        return [self._make(s) for s in self._by_address()][: 1 if one else None]
+        syms = self._by_address()
+        return [self._make(s) for s in (syms[:1] if one else syms)]
+
+    def _at(self, name: str | None, address: int, one: bool) -> list[drgn.Symbol]:
+        if address < KERNEL_HALF:
+            return []
+        syms = self._by_address()
+        k = bisect.bisect_right(self._addresses, address)
+        if k == 0:
+            return []
+        start = self._addresses[k - 1]
+        first = bisect.bisect_left(self._addresses, start)
+        hits = []
+        for sym in syms[first:k]:
+            if name is not None and sym.name != name:
+                continue
+            made = self._make(sym)
+            if address < start + max(made.size, 1):
+                hits.append(made)
+                if one:
+                    break
+        return hits
 
 
 # ---------------------------------------------------------------------------------- types
@@ -389,6 +416,15 @@ class BtfTypes:
             return self.type(t.ref or 0)
         raise ImageError(f"BTF: type id {tid} ({k.name.lower()} {t.name}) is not a C type")
 
+    def from_collector(self, t: Any) -> drgn.Type:
+        """The drgn type of a :class:`collector.kernel.object.Type` (a BTF id, or a pointer
+        to or array of one that BTF itself lacks)."""
+        if t.target is None:
+            return self.type(t.id)
+        if t.length is None:
+            return self._prog.pointer_type(self.from_collector(t.target), self.btf.pointer_size)
+        return self._prog.array_type(self.from_collector(t.target), t.length)
+
     def _lazy(self, tid: int) -> Callable[[], drgn.Type]:
         return lambda: self.type(tid)
 
@@ -459,34 +495,18 @@ class ObjectFinder:
             return None
         entry = GLOBALS.get(name) or DRGN_GLOBALS.get(name)
         if entry is not None:
-            return self._declared(name, entry, address)
+            try:
+                t = self._types.from_collector(declared_type(self._kernel, name, entry))
+            except NotApplicable:
+                return None
+            return self._drgn.Object(self._prog, t, address=address)
+        # Per-CPU variables too: drgn's per_cpu() adds __per_cpu_offset[cpu] to the address.
         btf = self._types.btf
         for tid in btf.find_all(name):
             if btf.kind(tid) is Kind.VAR:
-                return self._drgn.Object(
-                    self._prog, self._types.type(btf.type(tid).ref or 0), address=address
-                )
+                t = self._types.type(btf.type(tid).ref or 0)
+                return self._drgn.Object(self._prog, t, address=address)
         return None
-
-    def _declared(self, name: str, entry: Global, address: int) -> drgn.Object | None:
-        prog = self._prog
-        spelling = entry.type
-        try:
-            if spelling.endswith("[]"):
-                # The length is a config option: what the symbol table leaves room for, as
-                # collector.kernel.variables decides it.
-                if name in GLOBALS:
-                    length = variable_type(self._kernel, name).resolved().array_length
-                else:
-                    length = None
-                t = prog.array_type(prog.type(spelling[:-2].strip()), length)
-            else:
-                if name in GLOBALS:
-                    variable_type(self._kernel, name)  # checks the size against the symbols
-                t = prog.type(spelling)
-        except (LookupError, NotApplicable):
-            return None
-        return self._drgn.Object(prog, t, address=address)
 
     def function(self, name: str) -> drgn.Object | None:
         """The function ``name`` (a BTF ``FUNC``) at its symbol's address, or None."""

@@ -3,8 +3,11 @@ guest's /proc/<pid>, /proc/modules and /dev/kmsg."""
 
 from __future__ import annotations
 
+import base64
+import zlib
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.vm.conftest import KMSG_MARKER, Capture
@@ -14,6 +17,7 @@ pytestmark = pytest.mark.vm
 
 drgn = pytest.importorskip("drgn")
 
+from drgn.helpers.linux.mm import decode_page_flags, pfn_to_page  # noqa: E402
 from drgn.helpers.linux.module import for_each_module  # noqa: E402
 from drgn.helpers.linux.pid import for_each_task  # noqa: E402
 from drgn.helpers.linux.printk import get_dmesg, get_printk_records  # noqa: E402
@@ -23,6 +27,9 @@ from collector.interop.drgn import program  # noqa: E402
 #: PF_WQ_WORKER and PF_KTHREAD (include/linux/sched.h): a workqueue worker, a kernel thread.
 PF_WQ_WORKER = 0x00000020
 PF_KTHREAD = 0x00200000
+#: include/uapi/linux/kernel-page-flags.h: KPF_NOPAGE, and KPF_RESERVED (PG_reserved).
+KPF_NOPAGE = 20
+KPF_RESERVED = 32
 #: TASK_COMM_LEN (include/linux/sched.h): comm's size, its NUL included.
 TASK_COMM_LEN = 16
 
@@ -88,7 +95,29 @@ def check_dmesg(capture: Any, prog: Any) -> None:
     assert KMSG_MARKER.encode() in get_dmesg(prog)
 
 
-CHECKS = (check_tasks, check_modules, check_dmesg)
+def kpageflags(snapshot: dict) -> np.ndarray:
+    return np.frombuffer(zlib.decompress(base64.b64decode(snapshot["kpageflags"])), "<u8")
+
+
+def check_page_flags(capture: Any, prog: Any) -> None:
+    """decode_page_flags() names PG_reserved exactly where /proc/kpageflags showed
+    KPF_RESERVED before and after: on every reserved page, and on every 8th other page."""
+    before, after = kpageflags(capture.before), kpageflags(capture.after)
+    reserved = checked = 0
+    for pfn in range(min(len(before), len(after))):
+        bit = int(before[pfn] >> KPF_RESERVED) & 1
+        if bit != int(after[pfn] >> KPF_RESERVED) & 1 or int(before[pfn] >> KPF_NOPAGE) & 1:
+            continue
+        if pfn % 8 and not bit:
+            continue
+        flags = decode_page_flags(pfn_to_page(prog, pfn)).split("|")
+        assert ("PG_reserved" in flags) == bool(bit), (pfn, flags)
+        checked += 1
+        reserved += bit
+    assert reserved > 1000 and checked > reserved  # the kernel image, memmap, firmware
+
+
+CHECKS = (check_tasks, check_modules, check_dmesg, check_page_flags)
 
 
 @pytest.fixture(scope="module")
