@@ -203,8 +203,9 @@ class KallsymsFinder:
 
     def _make(self, sym: Any) -> drgn.Symbol:
         drgn = self._drgn
+        # The last symbol reaches as far as collector's own address_to_symbol() lets it.
         nxt = self._table.next_address(sym.address)
-        size = 0 if nxt is None else min(nxt - sym.address, MAX_SYMBOL_OFFSET)
+        size = MAX_SYMBOL_OFFSET if nxt is None else min(nxt - sym.address, MAX_SYMBOL_OFFSET)
         letter = sym.type
         if letter in "wWvV":
             binding = drgn.SymbolBinding.WEAK
