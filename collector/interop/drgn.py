@@ -11,8 +11,12 @@ debug info. drgn is optional: ``pip install 'collector[drgn]'``.
 from __future__ import annotations
 
 import bisect
+import importlib
 import os
-from collections.abc import Callable
+import pkgutil
+import runpy
+import sys
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from collector.errors import CollectorError, ImageError, NotApplicable
@@ -535,3 +539,54 @@ class ObjectFinder:
             return None
         tid, value = hit
         return self._drgn.Object(self._prog, self._types.type(tid), value=value)
+
+
+# ---------------------------------------------------------------------------------- the CLI
+
+
+def run(
+    prog: drgn.Program, code: str | None = None, script: str | None = None, args: Sequence[str] = ()
+) -> None:
+    """What ``drgn`` does with a program: run ``code`` (``-e``), a script, standard input
+    when it is not a terminal, or else an interactive session.
+
+    ``-e`` code and standard input see drgn's default globals (``prog``, drgn's names and all
+    of ``drgn.helpers.linux``); a script sees ``prog`` and imports the rest, with ``sys.argv``
+    set to the script and its arguments, as drgn's own command line does.
+    """
+    drgn = _import_drgn()
+    cli = importlib.import_module("drgn.cli")
+
+    if code is None and script is None and sys.stdin.isatty():
+        cli.run_interactive(prog, banner_func=lambda default: _banner(prog, default))
+        return
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    try:
+        drgn.set_default_prog(prog)
+        if script is not None:
+            sys.argv = [script, *args]
+            if pkgutil.get_importer(script) is None:
+                sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+            runpy.run_path(script, init_globals={"prog": prog}, run_name="__main__")
+        else:
+            namespace = cli.default_globals(prog)
+            sys.path.insert(0, "")
+            if code is None:
+                sys.argv = [""]
+                namespace["__file__"] = "<stdin>"
+                exec(compile(sys.stdin.read(), "<stdin>", "exec"), namespace)
+            else:
+                sys.argv = ["-e", *args]
+                exec(code, namespace)
+    finally:
+        # A library caller keeps its own argv and import path.
+        sys.argv, sys.path[:] = saved_argv, saved_path
+
+
+def _banner(prog: drgn.Program, default: str) -> str:
+    kernel = prog.cache.get("collector_kernel")
+    release = kernel.release if kernel is not None else None
+    return (
+        f"drgn on a collector image (Linux {release or 'of unknown release'}): types from BTF,"
+        f" symbols from kallsyms, no DWARF.\n{default}"
+    )

@@ -218,3 +218,14 @@ def test_missing_drgn_is_one_line(monkeypatch: pytest.MonkeyPatch, sk: Synthetic
     monkeypatch.setitem(sys.modules, "drgn", None)  # import drgn now raises ImportError
     with pytest.raises(CollectorError, match=r"^drgn is not installed: pip install"):
         interop.program(sk.memory())
+
+
+def test_run_executes_code_with_drgn_globals(prog, capsys: pytest.CaptureFixture[str]) -> None:
+    interop.run(
+        prog,
+        code="import sys\nprint(prog['init_task'].comm.string_().decode(), sys.argv)\n"
+        "for t in list_for_each_entry('struct task_struct', prog['init_task'].tasks.address_of_(),"
+        " 'tasks'): print(t.pid.value_())",
+        args=["x"],
+    )
+    assert capsys.readouterr().out == "swapper/0 ['-e', 'x']\n1\n"
