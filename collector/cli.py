@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 import collector
-from collector.errors import CollectorError
+from collector.errors import CollectorError, UsageError
 from collector.signals import Interrupted
 
 CAPTURE_EPILOG = """\
@@ -22,6 +22,7 @@ commands (collect COMMAND --help for each):
   export      convert an image to LiME, a raw padded file or an ELF core
   translate   walk the page tables of an image for a virtual address (or a struct page)
   analyze     run an analysis plugin on an image
+  drgn        drgn on an image (types from its BTF): a session, -e CODE, or a script
   plugins     list analysis plugins
   profiles    list architecture profiles
 
@@ -473,6 +474,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_drgn(args: argparse.Namespace) -> int:
+    from collector.interop import drgn as interop
+
+    # argparse hands `IMAGE -e CODE` to the script's arguments (everything after the first
+    # positional is the script's): take -e back from there.
+    code, rest = args.exec, list(args.args)
+    if code is None and rest[:1] == ["-e"]:
+        if len(rest) < 2:
+            raise UsageError("drgn: -e needs the code to run")
+        code, rest = rest[1], rest[2:]
+    script = None
+    if code is None and rest:
+        script, rest = rest[0], rest[1:]
+    prog = interop.program(args.image)
+    interop.run(prog, code=code, script=script, args=rest)
+    return 0
+
+
 def _page_offset(memory) -> int | None:
     try:
         from collector.kernel.kernel import Kernel
@@ -544,6 +563,27 @@ def command_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser(
+        "drgn",
+        help="drgn on an image: an interactive session, -e CODE, or a script",
+        description="Open the image as a drgn program without debug info: memory from the "
+        "image, symbols from its kallsyms, types from its BTF, globals typed from BTF and "
+        "collector's table. Without -e or a script, and with a terminal, an interactive "
+        "session; without a terminal, the code on standard input. Needs drgn "
+        "(pip install 'collector[drgn]').",
+    )
+    p.add_argument("image")
+    p.add_argument(
+        "-e", dest="exec", metavar="CODE", help="run CODE with drgn's helpers imported and exit"
+    )
+    p.add_argument(
+        "args",
+        nargs=argparse.REMAINDER,
+        metavar="SCRIPT [ARG ...]",
+        help="a Python script to run with `prog` set, and its arguments (sys.argv)",
+    )
+    p.set_defaults(handler=cmd_drgn)
 
     from collector import cli_analysis
 

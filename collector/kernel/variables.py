@@ -113,10 +113,20 @@ def variable_type(kernel: Kernel, name: str) -> Type:
     :raises NotApplicable: the variable is unknown, is per-CPU (use ``per_cpu``), or its
         declared type does not fit this kernel.
     """
-    address = kernel.symbol(name)
     entry = GLOBALS.get(name)
     if entry is None:
+        kernel.symbol(name)  # an unknown symbol is named as such first
         return _btf_variable_type(kernel, name)
+    return declared_type(kernel, name, entry)
+
+
+def declared_type(kernel: Kernel, name: str, entry: Global) -> Type:
+    """The type ``entry`` declares for global ``name``, checked as :func:`variable_type`
+    checks :data:`GLOBALS` entries (for tables of globals kept elsewhere).
+
+    :raises NotApplicable: the symbol is unknown, or the type is not in BTF or does not fit.
+    """
+    address = kernel.symbol(name)
     try:
         t = kernel.type(entry.type)
     except ObjectError as exc:

@@ -1,0 +1,1 @@
+"""Bridges from collector images to other memory-analysis tools."""
