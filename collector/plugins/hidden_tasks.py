@@ -85,7 +85,12 @@ KERNEL_HALF = 0xFF00000000000000
 PAGE_SIZE = 4096
 
 FIELDS = (
-    Field("kind", "str", "task: a task missing from a view (every task with --all); summary"),
+    Field(
+        "kind",
+        "str",
+        "task: a task missing from a view (with --all, every task); idle: a CPU's idle task"
+        " (--all only); summary: the last record, the counts of each view",
+    ),
     Field("pid", "int", "task_struct.pid: the thread ID"),
     Field("tgid", "int", "task_struct.tgid: the process (thread group) ID"),
     Field("comm", "str", "task_struct.comm"),
@@ -263,6 +268,7 @@ class Views:
     #: Why a slot of a task_struct slab is not a task: address -> reason.
     slots: dict[int, str] = field(default_factory=dict)
     slabs: int = 0
+    slots_total: int = 0
     free: int = 0
     rejected: int = 0
     notes: list[str] = field(default_factory=list)
@@ -398,6 +404,7 @@ def walk_task_slabs(kernel: Kernel, views: Views) -> None:
         for slab, order in by_cache[address]:
             views.slabs += 1
             objects = slab_objects(cache, slab, order)
+            views.slots_total += len(objects)
             free = _free_objects(cache, slab, objects, cpu_lists.get(slab.value(), []), views)
             views.free += len(free)
             for obj in objects:
@@ -560,17 +567,19 @@ def _idle_record(kernel: Kernel, address: int, cpu: int, views: Views) -> dict[s
 
 
 def _summary(views: Views, differ: int, transients: int) -> dict[str, Any]:
+    idle = {a for a in views.idle if a > 0}
+    tasks = {v: len(views.seen[v] - idle) for v in VIEWS}
     counts = (
-        f"task list {len(views.seen[TASK_LIST])}, pid idr {len(views.seen[PID_IDR])},"
-        f" task_struct slab {len(views.seen[SLAB])} ({views.slabs} slabs:"
-        f" {views.free} free slots, {views.rejected} slots not a live task)"
+        f"tasks: task list {tasks[TASK_LIST]}, pid idr {tasks[PID_IDR]},"
+        f" task_struct slab {tasks[SLAB]}; {views.slabs} task_struct slabs of {views.slots_total}"
+        f" slots: {views.free} free, {views.rejected} failing the task test;"
+        f" {len(idle)} idle tasks, not compared"
     )
-    idle = sum(1 for a in views.idle if a > 0)
     if differ == 0:
         verdict = "the three views agree"
     else:
         verdict = f"{differ} tasks differ, {transients} of them starting or exiting"
-    parts = [f"{verdict}: {counts}; {idle} idle tasks not compared", *views.notes]
+    parts = [f"{verdict}: {counts}", *views.notes]
     return {
         "kind": "summary",
         "pid": None,

@@ -282,11 +282,11 @@ def test_tasks_missing_from_a_view(era: str) -> None:
             exiting=True,
             note="EXIT_DEAD; PF_EXITING",
         ),
-        # 48 slots: 9 live tasks (swapper/1 among them), 3 free, 36 empty or dead.
+        # 48 slots: 9 live tasks (the idle swapper/1 among them), 3 free, 36 empty or dead.
         summary(
-            "3 tasks differ, 1 of them starting or exiting: task list 7, pid idr 6,"
-            " task_struct slab 9 (2 slabs: 3 free slots, 36 slots not a live task);"
-            " 2 idle tasks not compared"
+            "3 tasks differ, 1 of them starting or exiting: tasks: task list 7, pid idr 6,"
+            " task_struct slab 8; 2 task_struct slabs of 48 slots: 3 free, 36 failing the"
+            " task test; 2 idle tasks, not compared"
         ),
     ]
 
@@ -296,8 +296,9 @@ def test_no_difference(era: str) -> None:
     k, _ = build(era, hide=False)
     assert run(k.kernel()) == [
         summary(
-            "the three views agree: task list 5, pid idr 5, task_struct slab 6"
-            " (2 slabs: 3 free slots, 39 slots not a live task); 2 idle tasks not compared"
+            "the three views agree: tasks: task list 5, pid idr 5, task_struct slab 5;"
+            " 2 task_struct slabs of 48 slots: 3 free, 39 failing the task test;"
+            " 2 idle tasks, not compared"
         )
     ]
 
