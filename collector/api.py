@@ -100,6 +100,13 @@ from collector.helpers.sched import (
     task_cred_ids,
     task_state,
 )
+from collector.helpers.slab import (
+    cpu_freelists,
+    find_slabs,
+    freelist_ptr_decode,
+    slab_freelist,
+    slab_objects,
+)
 from collector.helpers.xarray import (
     radix_tree_for_each,
     radix_tree_lookup,
@@ -135,6 +142,7 @@ __all__ = [
     "access_process_vm",
     "cmdline",
     "container_of",
+    "cpu_freelists",
     "d_path",
     "d_unlinked",
     "dentry_path",
@@ -142,6 +150,7 @@ __all__ = [
     "environ",
     "find_pid",
     "find_pid_ns",
+    "find_slabs",
     "find_task",
     "for_each_module",
     "for_each_online_cpu",
@@ -152,6 +161,7 @@ __all__ = [
     "for_each_task",
     "for_each_thread",
     "for_each_vma",
+    "freelist_ptr_decode",
     "hlist_empty",
     "hlist_for_each",
     "hlist_for_each_entry",
@@ -202,6 +212,8 @@ __all__ = [
     "rbtree_inorder_for_each",
     "rbtree_inorder_for_each_entry",
     "show_map_vma",
+    "slab_freelist",
+    "slab_objects",
     "task_cred_ids",
     "task_state",
     "validate_list",
