@@ -274,6 +274,8 @@ class Views:
     notes: list[str] = field(default_factory=list)
     #: CLOCK_BOOTTIME when the capture began (:func:`capture_began`).
     began: int | None = None
+    #: The runqueues could not be read: a PID 0 task with PF_IDLE is taken as an idle task.
+    idle_by_flag: bool = False
 
 
 def idle_tasks(kernel: Kernel, views: Views) -> None:
@@ -288,7 +290,7 @@ def idle_tasks(kernel: Kernel, views: Views) -> None:
                 views.idle.setdefault(idle, cpu)
     except (ImageError, PageNotCaptured, KeyError) as e:
         views.notes.append(f"idle tasks: runqueues not read ({e}); PF_IDLE trusted instead")
-        views.idle[-1] = -1  # marks: fall back on PF_IDLE
+        views.idle_by_flag = True
 
 
 def _strict_task(task: Object, what: str) -> None:
@@ -324,7 +326,7 @@ def walk_task_list(kernel: Kernel, views: Views) -> None:
                 if process.address in known:
                     break
                 processes.append(process)
-        except BrokenStructure as e2:
+        except (ImageError, PageNotCaptured) as e2:
             views.notes.append(f"task list backwards: {e2}")
     for process in processes:
         if not _plausible_task(process):
@@ -395,7 +397,6 @@ def walk_task_slabs(kernel: Kernel, views: Views) -> None:
         by_cache.setdefault(cache.value(), []).append((slab, order))
     if not caches:
         raise NotApplicable("no slab of a kmem_cache named task_struct in the memory map")
-    idle_by_flag = -1 in views.idle
     for address, cache in caches.items():
         _check_cache(kernel, cache)
         cpu_lists: dict[int, list[int]] = {}
@@ -417,7 +418,9 @@ def walk_task_slabs(kernel: Kernel, views: Views) -> None:
                 except (ImageError, PageNotCaptured) as e:
                     reason = f"unreadable: {e}"
                 if reason is None and task.pid.value() == 0:
-                    idle = obj in views.idle or (idle_by_flag and task.flags.value() & PF_IDLE)
+                    idle = obj in views.idle or (
+                        views.idle_by_flag and task.flags.value() & PF_IDLE
+                    )
                     if not idle:
                         reason = "pid 0, yet no CPU's idle task"
                     elif obj not in views.idle:
@@ -508,8 +511,7 @@ def hidden_tasks(kernel: Kernel, show_all: bool = False) -> Iterator[dict[str, A
         yield record
     if show_all:
         for address, cpu in sorted(views.idle.items(), key=lambda kv: kv[1]):
-            if address > 0:
-                yield _idle_record(kernel, address, cpu, views)
+            yield _idle_record(kernel, address, cpu, views)
     yield _summary(views, differ, transients)
 
 
@@ -567,7 +569,7 @@ def _idle_record(kernel: Kernel, address: int, cpu: int, views: Views) -> dict[s
 
 
 def _summary(views: Views, differ: int, transients: int) -> dict[str, Any]:
-    idle = {a for a in views.idle if a > 0}
+    idle = set(views.idle)
     tasks = {v: len(views.seen[v] - idle) for v in VIEWS}
     counts = (
         f"tasks: task list {tasks[TASK_LIST]}, pid idr {tasks[PID_IDR]},"

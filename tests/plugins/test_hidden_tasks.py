@@ -356,3 +356,21 @@ def test_an_idr_of_absurd_pids_is_implausible() -> None:
         " init_pid_ns.idr gives PID 5000000, outside 1..4194304 (are the image's BTF and"
         " symbols those of the captured kernel?)"
     )
+
+
+def test_a_torn_task_list_is_walked_from_both_ends() -> None:
+    """A live capture can read a link after its task left: the walk goes on from the head
+    backwards, and the summary says where the list broke."""
+    k, a = build("6.12", hide=False)
+    k.kernel()  # links everything
+    tasks = k.sk.offsetof("struct task_struct", "tasks")
+    k.sk.write_u64(a["kthreadd"] + tasks, 0)
+    assert run(k.sk.kernel()) == [
+        summary(
+            "the three views agree: tasks: task list 5, pid idr 5, task_struct slab 5;"
+            " 2 task_struct slabs of 48 slots: 3 free, 39 failing the task test;"
+            f" 2 idle tasks, not compared; task list: list at {k.init + tasks:#x}: the entry"
+            f" at {a['kthreadd'] + tasks:#x} has a NULL link; the rest walked backwards from"
+            " init_task"
+        )
+    ]
