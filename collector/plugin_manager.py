@@ -45,6 +45,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "collector.plugins.tasks",
     "collector.plugins.maps",
     "collector.plugins.dmesg",
+    "collector.plugins.hidden_tasks",
 )
 
 #: Third-party plugins declare ``[project.entry-points.collector] name = "module"``.

@@ -40,7 +40,11 @@ typedef struct { int counter; } atomic_t;
 typedef struct { long counter; } atomic_long_t;
 struct cpumask { unsigned long bits[1]; };
 struct address_space { unsigned long flags; };
-struct kmem_cache { unsigned int size; char *name; };
+struct slab;
+struct kmem_cache_cpu { void **freelist; unsigned long tid; struct slab *slab; struct slab *partial; };
+struct kmem_cache { struct kmem_cache_cpu *cpu_slab; unsigned long flags; unsigned int size;
+    unsigned int object_size; unsigned int offset; unsigned int red_left_pad; char *name;
+    unsigned long random; };
 struct free_area { struct list_head free_list[5]; unsigned long nr_free; };
 struct per_cpu_pages { int count; int high; int batch; struct list_head lists[13]; };
 struct zone {
@@ -89,7 +93,7 @@ struct page {
     unsigned long memcg_data;
 };
 struct slab { unsigned long __page_flags; struct list_head slab_list;
-    struct kmem_cache *slab_cache; void *freelist; unsigned long counters;
+    struct kmem_cache *slab_cache; void *freelist; SLAB_COUNTERS
     unsigned int __unused; atomic_t __page_refcount; unsigned long memcg_data; };
 enum compound_dtor_id { NULL_COMPOUND_DTOR, COMPOUND_PAGE_DTOR, HUGETLB_PAGE_DTOR,
     TRANSHUGE_PAGE_DTOR, NR_COMPOUND_DTORS };
@@ -113,7 +117,7 @@ struct page {
     unsigned long memcg_data;
 };
 struct slab { unsigned long __page_flags; struct kmem_cache *slab_cache;
-    struct list_head slab_list; void *freelist; unsigned long counters;
+    struct list_head slab_list; void *freelist; SLAB_COUNTERS
     unsigned int __page_type; atomic_t __page_refcount; unsigned long obj_exts; };
 """
 
@@ -135,8 +139,17 @@ enum pagetype { PGTY_buddy = 240, PGTY_offline = 241, PGTY_table = 242, PGTY_gua
 }
 
 
+#: SLUB's counters word (mm/slab.h): objects in use, objects in the slab, frozen (a CPU's).
+_SLAB_COUNTERS = """union { unsigned long counters;
+        struct { unsigned int inuse:16; unsigned int objects:15; unsigned int frozen:1; }; };"""
+
+
 def declarations(era: str) -> str:
     """The C declarations of one era's memory-management structures."""
+    return _declarations(era).replace("SLAB_COUNTERS", _SLAB_COUNTERS)
+
+
+def _declarations(era: str) -> str:
     if era == "6.1":
         return _COMMON + _FLAGS_6_1 + _PAGE_6_1
     flags_type = "memdesc_flags_t" if era == "6.18" else "unsigned long"
@@ -153,6 +166,7 @@ class MemoryMap:
     :param holes: PFNs with a struct page but no RAM in the image.
     :param ram: give the node's pages contents (False for large maps whose RAM the image
         only names in its ranges: benchmarks).
+    :param extra: more C declarations (the structures a test lays in the slabs).
     """
 
     def __init__(
@@ -164,11 +178,12 @@ class MemoryMap:
         holes: tuple[int, ...] = (),
         cpus: int = 1,
         ram: bool = True,
+        extra: str = "",
     ) -> None:
         if era not in ERAS:
             raise ValueError(f"era {era!r}: one of {ERAS}")
         self.era = era
-        self.sk = sk = SyntheticKernel(declarations(era), release=f"{era}.0-test")
+        self.sk = sk = SyntheticKernel(declarations(era) + extra, release=f"{era}.0-test")
         self.start, self.count = start, count
         self.size = sk.sizeof("struct page")
         half = start + count // 2

@@ -128,6 +128,7 @@ BUILTINS: list[tuple[str, list[str]]] = [
     ("tasks", ["psaux", "pslist", "pstree"]),
     ("maps", ["maps"]),
     ("dmesg", ["dmesg"]),
+    ("hidden_tasks", ["hidden_tasks"]),
 ]
 
 
