@@ -42,6 +42,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "collector.plugins.sysinfo",
     "collector.plugins.kallsyms",
     "collector.plugins.pages",
+    "collector.plugins.modules",
 )
 
 #: Third-party plugins declare ``[project.entry-points.collector] name = "module"``.

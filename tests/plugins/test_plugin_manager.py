@@ -125,10 +125,12 @@ def test_builtins_load_in_order_with_the_collector_version() -> None:
         PluginInfo("sysinfo", collector.__version__, "builtin"),
         PluginInfo("kallsyms", collector.__version__, "builtin"),
         PluginInfo("pages", collector.__version__, "builtin"),
+        PluginInfo("modules", collector.__version__, "builtin"),
     ]
     assert [(r.analysis.name, r.plugin.name) for r in manager.analyses()] == [
         ("buddyinfo", "pages"),
         ("kallsyms", "kallsyms"),
+        ("lsmod", "modules"),
         ("pages", "pages"),
         ("sysinfo", "sysinfo"),
     ]
@@ -149,7 +151,7 @@ def test_environment_variable_turns_entry_points_off(
 ) -> None:
     monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, value)
     names = [p.name for p in PluginManager().plugins]
-    builtins = ["sysinfo", "kallsyms", "pages"]
+    builtins = ["sysinfo", "kallsyms", "pages", "modules"]
     assert names == ([*builtins, "third"] if loaded else builtins)
 
 
@@ -488,14 +490,15 @@ def test_plugins_lists_each_plugin_with_version_source_and_analyses(
     v = collector.__version__
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["name", "version", "source", "analysis", "summary"]
-    assert len(lines) == 7
-    assert [line.split()[:4] for line in lines[2:6]] == [
+    assert len(lines) == 8
+    assert [line.split()[:4] for line in lines[2:7]] == [
         ["sysinfo", v, "builtin", "sysinfo"],
         ["kallsyms", v, "builtin", "kallsyms"],
         ["pages", v, "builtin", "buddyinfo"],
         ["pages", v, "builtin", "pages"],
+        ["modules", v, "builtin", "lsmod"],
     ]
-    assert lines[6].split() == [
+    assert lines[7].split() == [
         "third",
         "3.1.4",
         "entry",
