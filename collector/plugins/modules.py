@@ -226,19 +226,23 @@ PARAM_FORMATS: dict[str, str] = {
 def module_parameters(module: Object, param_ops: Mapping[int, str], what: str) -> str:
     """``module->kp[0..num_kp)`` as ``name=value`` words (see :data:`PARAM_FORMATS`); a
     parameter of another type (an array, a module's own ops), or whose value cannot be read,
-    is its name alone."""
+    is its name alone, and one whose name cannot be read is ``?``."""
     count = plausible_int(module.num_kp.value(), 0, MAX_PARAMS, what)
     words = []
     for i in range(count):
         kp = module.kp[i]
-        name = kp.name.text(MAX_PARAM_STRING)
-        kind = param_ops.get(kp.ops.value())
-        value = None
-        if kind is not None:
-            try:
-                value = _param_value(module.kernel, kind, kp.arg.value())
-            except CollectorError:
-                value = None  # torn or not captured: the name is still worth giving
+        # The parameters add to a module's record; a page of them the image lacks must not
+        # cost the module list.
+        try:
+            name = kp.name.text(MAX_PARAM_STRING)
+        except CollectorError:
+            words.append("?")
+            continue
+        try:
+            kind = param_ops.get(kp.ops.value())
+            value = None if kind is None else _param_value(module.kernel, kind, kp.arg.value())
+        except CollectorError:
+            value = None
         words.append(name if value is None else f"{name}={value}")
     return " ".join(words)
 

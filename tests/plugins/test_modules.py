@@ -138,13 +138,12 @@ class Modules:
         """``add_module_usage(user, target)``: list_add, so the newest user is printed first."""
         self.users[target].insert(0, user)
 
-    def params(self, module: str, params: list[tuple[str, str | int, int]]) -> None:
-        """``module->kp``: (name, ops kind or the address of other ops, arg) each."""
+    def params(self, module: str, params: list[tuple[str | int, str | int, int]]) -> None:
+        """``module->kp``: (name or where it is, ops kind or the address of other ops, arg)."""
         size = self.sk.sizeof("struct kernel_param")
         kp = self.sk.alloc(size * len(params))
         for i, (name, ops, arg) in enumerate(params):
-            text = self.sk.alloc(len(name) + 1)
-            self.sk.write(text, name.encode() + b"\0")
+            text = name if isinstance(name, int) else self.string(name.encode())
             where = self.ops[ops] if isinstance(ops, str) else ops
             self.sk.fill(kp + i * size, "struct kernel_param",
                          {"name": text, "ops": where, "arg": arg, "perm": 0o644})  # fmt: skip
@@ -234,7 +233,9 @@ def three_modules(proc_modules: str | None = None) -> tuple[Kernel, dict[str, in
         ("ids", "array", m.sk.new("struct kparam_array")),
         ("custom", custom_ops, m.value("<i", 1)),
         ("lost", "int", lost),
+        (lost, "int", m.value("<i", 1)),  # its name in the page the capture lacks
     ])  # fmt: skip
+
     return m.kernel(proc_modules), m.mods
 
 
@@ -244,7 +245,7 @@ def expected_three(mods: dict[str, int]) -> list[dict[str, Any]]:
                state="Live", refcount=0, users="[permanent],", taints="OE",
                parameters='debug=-5 count=7 big=18446744073709551615 small=-2 enable=Y'
                ' quiet=N mask=0x0000ff zero=00000000 path="/lib/\\"fw\\"" none=(null)'
-               ' label="hello w" ids custom lost',
+               ' label="hello w" ids custom lost ?',
                module=mods["ext_oot"]),
         record(name="virtio", address=0xFFFFFFFFC0100000, size=0x5000, core_size=0x5000,
                init_size=0, state="Live", refcount=2, users="ext_oot,", taints="",
