@@ -44,6 +44,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "collector.plugins.pages",
     "collector.plugins.tasks",
     "collector.plugins.maps",
+    "collector.plugins.modules",
     "collector.plugins.dmesg",
     "collector.plugins.hidden_tasks",
 )

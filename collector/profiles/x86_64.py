@@ -31,6 +31,13 @@ START_KERNEL_MAP = 0xFFFFFFFF80000000
 PAGE_OFFSET_DEFAULT = {4: 0xFFFF888000000000, 5: 0xFF11000000000000}
 #: ``VMEMMAP_START`` without KASLR (``__VMEMMAP_BASE_L4`` / ``__VMEMMAP_BASE_L5``).
 VMEMMAP_DEFAULT = {4: 0xFFFFEA0000000000, 5: 0xFFD4000000000000}
+#: The module area, ``[MODULES_VADDR, MODULES_END)`` (arch/x86/include/asm/pgtable_64_types.h):
+#: MODULES_VADDR is ``__START_KERNEL_map + KERNEL_IMAGE_SIZE``, 512 MiB in (1 GiB with
+#: CONFIG_RANDOMIZE_BASE, so modules start at 0xffffffffc0000000 there); MODULES_END is the
+#: fixmap's start (0xfffffffffe000000 with CONFIG_DEBUG_KMAP_LOCAL_FORCE_MAP). The same with
+#: 4- and 5-level paging.
+MODULES_VADDR = 0xFFFFFFFFA0000000
+MODULES_END = 0xFFFFFFFFFF000000
 #: KASLR places each region on a PUD_SIZE (1 GiB) boundary (arch/x86/mm/kaslr.c).
 PUD_SIZE = 1 << 30
 #: Bits 12..51 of an entry hold the physical address (``PTE_PFN_MASK`` with 52 physical bits).
@@ -551,6 +558,8 @@ class Profile:
     description = description
     Paging = X86_64Paging
     Layout = KernelLayout
+    MODULES_VADDR = MODULES_VADDR
+    MODULES_END = MODULES_END
 
     @staticmethod
     def paging_for(memory: PhysicalMemory, vmcoreinfo: VmcoreInfo) -> X86_64Paging:

@@ -127,6 +127,7 @@ BUILTINS: list[tuple[str, list[str]]] = [
     ("pages", ["buddyinfo", "pages"]),
     ("tasks", ["psaux", "pslist", "pstree"]),
     ("maps", ["maps"]),
+    ("modules", ["lsmod"]),
     ("dmesg", ["dmesg"]),
     ("hidden_tasks", ["hidden_tasks"]),
 ]
