@@ -52,6 +52,13 @@ COMMANDS: list[list[str]] = [
     ["analyze", "{image}", "sysinfo"],
     ["analyze", "{image}", "pages"],
     ["analyze", "{image}", "buddyinfo"],
+    ["analyze", "{image}", "pslist"],
+    ["analyze", "{image}", "pstree"],
+    ["analyze", "{image}", "psaux"],
+    ["analyze", "{image}", "maps"],
+    ["analyze", "{image}", "lsmod"],
+    ["analyze", "{image}", "dmesg"],
+    ["analyze", "{image}", "hidden_tasks"],
 ]
 
 
