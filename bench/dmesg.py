@@ -6,7 +6,7 @@ caller_id, then the block's ID and text), with the offsets worked out beforehand
 VMCOREINFO: what a reader written without batching would cost. dmesg reads descriptors and
 infos in batches and the data ring through 64 KiB windows.
 
-    python bench/dmesg.py [IMAGE] [--seconds 2.0]
+    python bench/dmesg.py IMAGE [--seconds 2.0]
 
 Prints rates and their ratio, measured in one run; never pass/fail.
 """
@@ -25,8 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from collector.image.open import open_image
 from collector.kernel.kernel import Kernel
 from collector.plugins.dmesg import DESC_ID_MASK, PrintkRingbuffer, dmesg
-
-DEFAULT_IMAGE = "/work/images/6.12/image.lime.zst"
 
 
 def baseline(kernel: Kernel, rb: PrintkRingbuffer) -> int:
@@ -77,7 +75,10 @@ def rate(fn: Callable[[], int], seconds: float) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("image", nargs="?", default=DEFAULT_IMAGE)
+    parser.add_argument(
+        "image",
+        help="a native image of a real kernel (python -m tools.vm try --kernel 6.12 makes one)",
+    )
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
     memory = open_image(args.image)

@@ -9,7 +9,7 @@ reaped while the capture ran; it does not walk back from the head where the list
 plugin's generator (``pslist(kernel)``) and as ``collect analyze`` runs it (``analyze_kernel``,
 which also checks every record against its declared fields).
 
-    python bench/pslist.py [IMAGE] [--seconds 2.0]
+    python bench/pslist.py IMAGE [--seconds 2.0]
 
 Prints tasks a second and ratios measured in one run; never pass/fail.
 """
@@ -31,7 +31,6 @@ from collector.image.open import open_image
 from collector.kernel.kernel import Kernel
 from collector.plugins.tasks import PID_MAX_LIMIT, pslist
 
-DEFAULT_IMAGE = "/work/images/6.12/image.lime.zst"
 MAX_TASKS = 1_000_000
 
 
@@ -96,7 +95,10 @@ def main() -> None:
         description=__doc__.splitlines()[0],
         epilog="Prints rates measured in one run; never pass/fail.",
     )
-    parser.add_argument("image", nargs="?", default=DEFAULT_IMAGE, help="(default: %(default)s)")
+    parser.add_argument(
+        "image",
+        help="a native image of a real kernel (python -m tools.vm try --kernel 6.12 makes one)",
+    )
     parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
     opts = parser.parse_args()
     try:
