@@ -91,6 +91,24 @@ VOLATILITY_GLOBALS: dict[str, tuple[str, str]] = {
     ),
 }
 
+#: Linker-made section bounds, declared in include/asm-generic/sections.h as
+#: ``extern char _text[], _stext[], _etext[];`` and so on: DWARF types them ``char []``, and
+#: Volatility reads their addresses through typed objects (``object_from_symbol("_text")``).
+SECTION_SYMBOLS = (
+    "_text",
+    "_stext",
+    "_etext",
+    "_sdata",
+    "_edata",
+    "__start_rodata",
+    "__end_rodata",
+    "_sinittext",
+    "_einittext",
+    "__bss_start",
+    "__bss_stop",
+    "_end",
+)
+
 #: The most elements an array of unknown length (``gate_desc idt_table[]``) is given.
 _MAX_UNSIZED = 1 << 16
 #: The longest banner read (init/version.c's linux_banner is one line of ~200 bytes).
@@ -481,6 +499,10 @@ def _symbols(kernel: Kernel, types: _Types, notes: list[str]) -> dict[str, dict[
                 name,
                 lambda n=name, s=spelling, src=source: _global(kernel, n, s, src),
             )
+    char_array = {"kind": "array", "count": 0, "subtype": {"kind": "base", "name": "char"}}
+    for name in SECTION_SYMBOLS:
+        if name in out and "char" in types.base_types:
+            out[name]["type"] = char_array
     for var_id, name in _btf_vars(types.btf):
         entry = out.get(name)
         if entry is not None and "type" not in entry:

@@ -214,7 +214,11 @@ def test_symbols_are_unrelocated_typed_and_the_banner_is_constant_data(built) ->
         "address": placed["modules"] - KASLR,
         "type": {"kind": "struct", "name": "list_head"},
     }
-    assert symbols["_stext"] == {"address": placed["_stext"] - KASLR}
+    # A section bound: char [] as include/asm-generic/sections.h declares it.
+    assert symbols["_stext"] == {
+        "address": placed["_stext"] - KASLR,
+        "type": {"kind": "array", "count": 0, "subtype": base("char")},
+    }
     # A per-CPU variable: typed by its BTF VAR, its offset left alone.
     assert symbols["cpu_item"] == {
         "address": PERCPU_OFFSET,
