@@ -56,7 +56,7 @@ class Volatility:
         command = [
             sys.executable,
             "-c",
-            "import sys; from volatility3.cli import main; sys.exit(main())",
+            "import sys; sys.argv[0] = 'vol'; from volatility3.cli import main; sys.exit(main())",
             "-q",
             "--offline",
             "--cache-path",
