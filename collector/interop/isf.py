@@ -486,6 +486,10 @@ def _symbols(kernel: Kernel, types: _Types, notes: list[str]) -> dict[str, dict[
         chosen = table.symbol(sym.name) or sym
         if chosen.module is not None:
             continue
+        if chosen.type == "?" and chosen.address < START_KERNEL_MAP:
+            # Only in VMCOREINFO, outside the kernel image: SYMBOL(vmemmap) is the value of
+            # the vmemmap base (kernel/crash_core.c), not where a variable lies.
+            continue
         out[sym.name] = {"address": _unrelocated(chosen.address, offset)}
     for name in GLOBALS:
         if name in out:

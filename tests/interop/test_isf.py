@@ -63,6 +63,7 @@ UNNAMED = re.compile(r"unnamed_[0-9a-f]{16}")
 def synthetic() -> SyntheticKernel:
     sk = SyntheticKernel(TYPES)
     sk.vmcoreinfo_extra.append(f"KERNELOFFSET={KASLR:x}")  # the last KERNELOFFSET line wins
+    sk.vmcoreinfo_extra.append("SYMBOL(vmemmap)=ffffea0000000000")  # a value, not a variable
     sk.write(sk.global_("linux_banner", "char", 64), BANNER + b"\0")
     sk.global_("init_task", "struct task_struct", pid=0, comm=b"swapper/0")
     sk.global_("modules", "struct list_head")
@@ -230,6 +231,9 @@ def test_symbols_are_unrelocated_typed_and_the_banner_is_constant_data(built) ->
         "type": {"kind": "array", "count": 64, "subtype": base("char")},
         "constant_data": base64.b64encode(BANNER + b"\0").decode(),
     }
+    # VMCOREINFO's SYMBOL(init_top_pgt) is in the kernel image; SYMBOL(vmemmap) is not.
+    assert symbols["init_top_pgt"] == {"address": 0xFFFFFFFF80000000 + 0x100000 - KASLR}
+    assert "vmemmap" not in symbols
     assert result.notes == []
 
 
