@@ -37,9 +37,10 @@ from collector.kernel.variables import GLOBALS, variable_type
 from collector.profiles.x86_64 import START_KERNEL_MAP
 
 #: The ISF format written. Volatility 3 picks a reader by major version and the highest minor
-#: it knows (``IntermediateSymbolTable._closest_version``): 2.7 through 2.28 read 6.2.0, the
-#: first format whose reader flattens anonymous members; 2.28 ships schema-6.3.0.json but no
-#: reader for it, so a 6.3.0 table would validate and then fail to load.
+#: it knows (``IntermediateSymbolTable._closest_version``). 6.2.0 is the first format whose
+#: reader flattens anonymous members and the one dwarf2json writes; volatility3 2.28 ships
+#: schema-6.3.0.json but no reader for it, so a 6.3.0 table would validate and then fail to
+#: load.
 FORMAT_VERSION = "6.2.0"
 PRODUCER = "collector"
 
