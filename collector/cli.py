@@ -19,7 +19,8 @@ commands (collect COMMAND --help for each):
   plan        print the per-range plan (range, size, source, reason) without reading RAM
   info        identity, plan, ranges, page fates, hashes and blobs of an image
   verify      check every byte of an image (exit 0 intact, 1 RAM damaged, 3 incomplete, 4 metadata damaged)
-  export      convert an image to LiME, a raw padded file or an ELF core
+  export      convert an image to LiME, a raw padded file or an ELF core; or write its
+              kernel's Volatility 3 symbol table (--to isf)
   translate   walk the page tables of an image for a virtual address (or a struct page)
   analyze     run an analysis plugin on an image
   drgn        drgn on an image (types from its BTF): a session, -e CODE, or a script
@@ -31,6 +32,7 @@ examples:
   collect --profile x86_64 -o - | ssh box 'cat > mem.lime.zst'
   collect plan --profile x86_64                 what would be read, from where, and why
   zstd -dc IMAGE > mem.lime                     a LiME file for Volatility 3
+  collect export IMAGE --to isf -o syms/k.json.xz  its symbol table (vol -s syms)
   zstd -dc IMAGE | sha256sum                    compare with `collect info IMAGE`
 
 output: the image is always a new file, mode 0600, owned by the user running collect.
@@ -439,6 +441,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.to == "raw" and args.output == "-":
         raise CollectorError("a raw (padded) export needs a file it can seek in, not stdout", 2)
+    if args.to == "isf":
+        return _export_isf(args)
     memory = open_image(args.image)
     try:
         with signals.handled(), outfile.writing(args.output, args.force) as out:
@@ -489,6 +493,45 @@ def cmd_drgn(args: argparse.Namespace) -> int:
         script, rest = rest[0], rest[1:]
     prog = interop.program(args.image)
     interop.run(prog, code=code, script=script, args=rest)
+    return 0
+
+
+def _export_isf(args: argparse.Namespace) -> int:
+    from collector import outfile, signals
+    from collector.image.open import open_image
+    from collector.interop import isf
+    from collector.kernel.kernel import Kernel
+
+    started = time.monotonic()
+    memory = open_image(args.image)
+    try:
+        result = isf.build_isf(Kernel(memory))
+        with signals.handled(), outfile.writing(args.output, args.force) as out:
+            size = isf.write_isf(result, out, xz=args.output.endswith(".xz"))
+    finally:
+        memory.close()
+    counts = result.counts()
+    doc = {
+        "output": args.output,
+        "format": "isf",
+        "isf_format": isf.FORMAT_VERSION,
+        "bytes": size,
+        **counts,
+        "seconds": round(time.monotonic() - started, 3),
+        "notes": result.notes,
+    }
+    report = sys.stderr if args.output == "-" else sys.stdout
+    if args.json:
+        print(json.dumps(doc, indent=2), file=report)
+    else:
+        print(
+            f"wrote {args.output}: Volatility 3 symbol table (ISF {isf.FORMAT_VERSION}), "
+            f"{counts['user_types']} user types, {counts['enums']} enums, "
+            f"{counts['symbols']} symbols, {_human(size)}",
+            file=report,
+        )
+    for note in result.notes:
+        print(f"collect: note: {note}", file=sys.stderr)
     return 0
 
 
@@ -546,13 +589,17 @@ def command_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
 
     p = sub.add_parser(
         "export",
-        help="convert an image to LiME, raw (padded) or ELF core",
-        description="Convert an image. The output is written under a temporary name beside "
+        help="convert an image to LiME, raw (padded) or ELF core, or write its Volatility 3 "
+        "symbol table",
+        description="Convert an image; or, with --to isf, write a Volatility 3 symbol table "
+        "(ISF JSON; xz-compressed when the name ends in .xz) built from the image's BTF, "
+        "kallsyms and VMCOREINFO, for `vol -s DIR` with a LiME export of the same image. "
+        "The output is written under a temporary name beside "
         "it, mode 0600, and renamed into place only when complete; a failed export removes "
         "its partial file and leaves an existing one as it was.",
     )
     p.add_argument("image")
-    p.add_argument("--to", choices=["lime", "raw", "elf"], required=True)
+    p.add_argument("--to", choices=["lime", "raw", "elf", "isf"], required=True)
     p.add_argument(
         "-o", "--output", required=True, help="file to create, or - for stdout (not for raw)"
     )

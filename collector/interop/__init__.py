@@ -1,1 +1,2 @@
-"""Bridges from collector images to other memory-analysis tools."""
+"""Bridges from collector images to other memory-analysis tools: drgn programs, Volatility 3
+symbol tables."""
