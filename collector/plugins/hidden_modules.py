@@ -287,7 +287,7 @@ def module_area_allocations(kernel: Kernel) -> list[Area]:
                 break
             if start % PAGE_SIZE or end % PAGE_SIZE or not start < end <= above:
                 what = f"vmap_area {va.address:#x} on the list at {head.address:#x}"
-                detail = f"spans {start:#x}-{end:#x}, not page-aligned below {above:#x}"
+                detail = f"spans {start:#x}-{end:#x}, not a page-aligned range below {above:#x}"
                 if i == 0:
                     raise Implausible(what, detail)
                 raise ImageError(f"hidden_modules: {what} {detail}: the list is out of order")
