@@ -76,6 +76,7 @@ from collector.helpers.module import (
     module_core_size,
     module_flags_taint,
     module_init_size,
+    module_memory,
     module_name,
     module_refcount,
     module_size,
@@ -120,6 +121,11 @@ from collector.helpers.slab import (
     freelist_ptr_decode,
     slab_freelist,
     slab_objects,
+)
+from collector.helpers.vmalloc import (
+    for_each_vmap_area,
+    for_each_vmap_area_reverse,
+    vmap_area_lists,
 )
 from collector.helpers.xarray import (
     radix_tree_for_each,
@@ -177,6 +183,8 @@ __all__ = [
     "for_each_task",
     "for_each_thread",
     "for_each_vma",
+    "for_each_vmap_area",
+    "for_each_vmap_area_reverse",
     "freelist_ptr_decode",
     "get_gate_vma",
     "hlist_empty",
@@ -198,6 +206,7 @@ __all__ = [
     "module_core_size",
     "module_flags_taint",
     "module_init_size",
+    "module_memory",
     "module_name",
     "module_refcount",
     "module_size",
@@ -243,6 +252,7 @@ __all__ = [
     "virt_to_pfn",
     "virt_to_phys",
     "vmalloc_to_page",
+    "vmap_area_lists",
     "xa_for_each",
     "xa_is_value",
     "xa_load",

@@ -47,6 +47,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "collector.plugins.modules",
     "collector.plugins.dmesg",
     "collector.plugins.hidden_tasks",
+    "collector.plugins.hidden_modules",
 )
 
 #: Third-party plugins declare ``[project.entry-points.collector] name = "module"``.

@@ -60,6 +60,18 @@ def _memories(module: Object) -> dict[str, tuple[int, int]]:
     }
 
 
+def module_memory(module: Object) -> dict[str, tuple[int, int]]:
+    """``{region: (base, size)}`` of each memory region of a module, empty ones included.
+
+    6.4 on: ``mod->mem[type]`` named by ``enum mod_mem_type`` (``MOD_TEXT``, ``MOD_DATA``,
+    ``MOD_RODATA``, ``MOD_RO_AFTER_INIT``, ``MOD_INIT_TEXT``...), each allocated on its own.
+    Before: ``core`` and ``init`` (``mod->core_layout``, ``mod->init_layout``).
+
+    :param module: ``struct module *``
+    """
+    return _memories(module)
+
+
 def module_address(module: Object) -> int:
     """Where the module's code starts, the address /proc/modules shows."""
     regions = _memories(module)

@@ -130,6 +130,7 @@ BUILTINS: list[tuple[str, list[str]]] = [
     ("modules", ["lsmod"]),
     ("dmesg", ["dmesg"]),
     ("hidden_tasks", ["hidden_tasks"]),
+    ("hidden_modules", ["hidden_modules"]),
 ]
 
 
