@@ -59,6 +59,7 @@ COMMANDS: list[list[str]] = [
     ["analyze", "{image}", "lsmod"],
     ["analyze", "{image}", "dmesg"],
     ["analyze", "{image}", "hidden_tasks"],
+    ["analyze", "{image}", "hidden_modules"],
 ]
 
 
