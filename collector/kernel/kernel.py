@@ -91,13 +91,24 @@ class Kernel:
         self.profile = profiles.get(profile)
         #: Fallbacks taken while working things out, one line each, for reports.
         self.notes: list[str] = []
+        #: Where each piece of kernel metadata came from, once worked out: ``vmcoreinfo``,
+        #: ``kallsyms`` and ``btf`` to one line each (``blob btf``, ``memory at ...``).
+        self.sources: dict[str, str] = {}
         self._vmcoreinfo = _Lazy(
-            lambda: vmcoreinfo if vmcoreinfo is not None else self._find_vmcoreinfo()
+            lambda: (
+                self._given("vmcoreinfo", vmcoreinfo)
+                if vmcoreinfo is not None
+                else self._find_vmcoreinfo()
+            )
         )
         self._paging = _Lazy(self._make_paging)
-        self._symbols = _Lazy(lambda: symbols if symbols is not None else self._make_symbols())
+        self._symbols = _Lazy(
+            lambda: (
+                self._given("kallsyms", symbols) if symbols is not None else self._make_symbols()
+            )
+        )
         self._layout = _Lazy(self._make_layout)
-        self._btf = _Lazy(lambda: btf if btf is not None else self._make_btf())
+        self._btf = _Lazy(lambda: self._given("btf", btf) if btf is not None else self._make_btf())
         self._tlb: dict[int, tuple[int, int, int]] = {}
         self._types: dict[str, Type] = {}
 
@@ -128,25 +139,35 @@ class Kernel:
 
     @property
     def btf(self) -> Any:
-        """The kernel's BTF types, from blob ``btf``.
+        """The kernel's BTF types: blob ``btf``, else the kernel's ``.BTF`` section read
+        from memory (:mod:`collector.kernel.btf_memory`).
 
-        :raises NotApplicable: the image carries no BTF.
+        :raises NotApplicable: neither gives BTF (each reason is in the message).
         """
         return self._btf.get()
+
+    def _given(self, what: str, value: Any) -> Any:
+        self.sources[what] = "given by the caller"
+        return value
 
     def _find_vmcoreinfo(self) -> VmcoreInfo:
         blob = self.memory.blob("vmcoreinfo")
         if blob:
             try:
-                return VmcoreInfo.from_blob(blob)
+                found = VmcoreInfo.from_blob(blob)
             except ImageError as exc:
                 self.notes.append(f"vmcoreinfo blob unusable ({exc}); scanning memory")
+            else:
+                self.sources["vmcoreinfo"] = "blob vmcoreinfo"
+                return found
         found = scan_for_vmcoreinfo(self.memory)
         if found is None:
             raise NotApplicable(
                 "the image has no VMCOREINFO: no usable 'vmcoreinfo' blob and none found"
                 " in captured memory"
             )
+        where = f" at physical {found.paddr:#x}" if found.paddr is not None else ""
+        self.sources["vmcoreinfo"] = f"found in memory{where}"
         return found
 
     def _make_paging(self) -> Any:
@@ -158,6 +179,7 @@ class Kernel:
         if blob:
             try:
                 table = SymbolTable.from_kallsyms_text(blob)
+                self.sources["kallsyms"] = "blob kallsyms"
             except KallsymsHidden as exc:
                 self.notes.append(f"{exc}; decoding kallsyms from memory instead")
             except ImageError as exc:
@@ -173,7 +195,12 @@ class Kernel:
                 table = decode_kallsyms(self.read_virt, vmcoreinfo)
             except CollectorError as exc:
                 self.notes.append(f"kallsyms not decoded ({exc}); only VMCOREINFO symbols")
+                self.sources["kallsyms"] = "VMCOREINFO SYMBOL() entries only"
                 return SymbolTable.from_vmcoreinfo(vmcoreinfo)
+            self.sources["kallsyms"] = (
+                f"decoded from memory ({len(table)} symbols, kallsyms_names at"
+                f" {vmcoreinfo.symbol('kallsyms_names'):#x})"
+            )
         return table.merged(SymbolTable.from_vmcoreinfo(vmcoreinfo))
 
     def _make_layout(self) -> Any:
@@ -184,12 +211,32 @@ class Kernel:
         return layout
 
     def _make_btf(self) -> Any:
-        blob = self.memory.blob("btf")
-        if not blob:
-            raise NotApplicable("the image carries no BTF (blob 'btf')")
         from collector.kernel.btf import BTF
+        from collector.kernel.btf_memory import find_btf_in_memory
 
-        return BTF.parse(blob)
+        blob = self.memory.blob("btf")
+        if blob:
+            try:
+                parsed = BTF.parse(blob)
+            except ImageError as exc:
+                why = f"blob 'btf' unusable ({exc})"
+            else:
+                self.sources["btf"] = "blob btf"
+                return parsed
+        else:
+            why = "no blob 'btf'"
+        # Images from other tools (LiME, AVML, ELF cores) carry no blobs, but the kernel's
+        # own BTF lies in its rodata and kallsyms (decoded from memory too) says where.
+        try:
+            found = find_btf_in_memory(self.read_virt, self.symbols)
+        except CollectorError as exc:
+            raise NotApplicable(
+                f"the image carries no usable BTF: {why}, and none recovered from memory: {exc}"
+            ) from None
+        where = f"memory at {found.address:#x} ({found.size} bytes, __start_BTF..__stop_BTF)"
+        self.sources["btf"] = where
+        self.notes.append(f"BTF recovered from {where}: {why}")
+        return found.btf
 
     # -- identity ----------------------------------------------------------------------------
 

@@ -71,6 +71,8 @@ class VmcoreInfo:
     def __init__(self, entries: Mapping[str, str], values: Mapping[str, int]) -> None:
         self._entries = dict(entries)
         self._values = dict(values)
+        #: Where in physical memory the text was found, when it was found there.
+        self.paddr: int | None = None
 
     # -- construction -------------------------------------------------------------------
 
@@ -295,6 +297,7 @@ def _candidate(memory: PhysicalMemory, paddr: int) -> VmcoreInfo | None:
         return None
     if info.osrelease is None or info.page_size is None:
         return None
+    info.paddr = paddr
     return info
 
 

@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from construct import ConstructError
 
-from collector.api import Analysis, CollectorError, Field, ImageError, NotApplicable, hookimpl
+from collector.api import (
+    Analysis,
+    CollectorError,
+    Field,
+    ImageError,
+    NotApplicable,
+    hookimpl,
+    plausible_int,
+)
 
 if TYPE_CHECKING:
     from collector.api import Kernel
@@ -54,7 +62,12 @@ FIELDS = (
         "int",
         "bytes of physical address space the image's ranges cover, pages not read included",
     ),
-    Field("mem_total", "int", "MemTotal of the meminfo blob (/proc/meminfo at capture), in bytes"),
+    Field(
+        "mem_total",
+        "int",
+        "MemTotal in bytes: of the meminfo blob (/proc/meminfo at capture), else"
+        " totalram_pages() read from memory times the page size, which is what MemTotal shows",
+    ),
     Field(
         "boot_time",
         "str",
@@ -104,6 +117,9 @@ def sysinfo(kernel: Kernel) -> dict[str, Any]:
         record["page_size"] = memory.page_size
     record["range_bytes"] = sum(end - start for start, end in memory.ranges())
     record["mem_total"] = mem_total(memory.blob("meminfo"))
+    if record["mem_total"] is None:
+        # Images from other tools carry no meminfo blob; the kernel's own count is in memory.
+        record["mem_total"] = attempt("mem_total", lambda: totalram_bytes(kernel))
     boot_ns = attempt("boot_time", lambda: getboottime64(kernel))
     if boot_ns is not None:
         record["boot_time"] = attempt("boot_time", lambda: _iso_utc(boot_ns))
@@ -172,6 +188,26 @@ def getboottime64(kernel: Kernel) -> int:
     # inside it is found by its offset.
     timekeeper = kernel.object("struct timekeeper", tk_core + tk_core_timekeeper_offset(kernel.btf))
     return timekeeper.offs_real.value() - timekeeper.offs_boot.value()
+
+
+#: No machine has this many pages (4 PiB of 4 KiB pages); a larger count is misread.
+MAX_TOTALRAM_PAGES = 1 << 40
+
+
+def totalram_bytes(kernel: Kernel) -> int:
+    """``totalram_pages() << PAGE_SHIFT``: the RAM the page allocator manages, in bytes, which
+    si_meminfo() reports as MemTotal (mm/show_mem.c, fs/proc/meminfo.c)."""
+    # v5.0 "mm: convert totalram_pages and totalhigh_pages variables to atomic" renamed the
+    # unsigned long totalram_pages to the atomic_long_t _totalram_pages. Both are one 64-bit
+    # word on x86_64 (atomic_long_t is atomic64_t, whose only member is s64 counter), so
+    # neither read needs BTF.
+    for name in ("_totalram_pages", "totalram_pages"):
+        address = kernel.symbols.get(name)
+        if address is not None:
+            pages = plausible_int(kernel.read_s64(address), 1, MAX_TOTALRAM_PAGES, name)
+            page_size = kernel.vmcoreinfo.page_size or kernel.memory.page_size
+            return pages * page_size
+    raise NotApplicable("neither _totalram_pages nor totalram_pages is in the symbol table")
 
 
 def _iso_utc(ns: int) -> str:

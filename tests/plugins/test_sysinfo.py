@@ -182,7 +182,11 @@ def test_without_btf_uts_comes_from_vmcoreinfo_and_the_abi_layout() -> None:
     record = sysinfo.sysinfo(make_kernel(with_btf=False))
     assert {m: record[m] for m in UTS} == UTS
     assert record["boot_time"] is None
-    assert record["notes"] == "boot_time: the image carries no BTF (blob 'btf')"
+    assert record["notes"] == (
+        "boot_time: the image carries no usable BTF: no blob 'btf', and none recovered from"
+        " memory: the kernel symbols (kallsyms text + vmcoreinfo) have no __start_BTF and"
+        " __stop_BTF"
+    )
 
 
 def test_a_page_not_captured_blanks_only_what_lives_there() -> None:
