@@ -190,6 +190,7 @@ def test_scan_finds_page_aligned_text_and_skips_format_strings():
     memory = SparseMemory({0x40000000: bytes(ram)})
     info = scan_for_vmcoreinfo(memory, chunk=8192)
     assert info is not None and info.osrelease == "6.12.9-amd64"
+    assert info.paddr == 0x40000000 + 5 * 4096
 
 
 def test_scan_prefers_metadata_paddr_note():
@@ -219,13 +220,16 @@ def test_scan_aligned_note_beats_unaligned_copy_and_skips_uncaptured_pages():
     memory = SparseMemory({0x2000: bytes(ram)}, fates=fates)
     info = scan_for_vmcoreinfo(memory, chunk=4096)
     assert info.osrelease == "6.12.9-amd64"
+    # The text starts after the note's 12-byte header and its 12-byte name "VMCOREINFO\0".
+    assert info.paddr == 0x2000 + 4 * 4096 + 24
 
 
 def test_scan_falls_back_to_unaligned_copy_and_returns_none_without_any():
     stray = SMALL.encode()
     ram = bytearray(3 * 4096)
     ram[0x777 : 0x777 + len(stray)] = stray
-    assert scan_for_vmcoreinfo(SparseMemory({0: bytes(ram)})).osrelease == "6.12.9-amd64"
+    info = scan_for_vmcoreinfo(SparseMemory({0: bytes(ram)}))
+    assert (info.osrelease, info.paddr) == ("6.12.9-amd64", 0x777)
     assert scan_for_vmcoreinfo(SparseMemory({0: bytes(3 * 4096)})) is None
 
 

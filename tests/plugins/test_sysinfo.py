@@ -189,6 +189,41 @@ def test_without_btf_uts_comes_from_vmcoreinfo_and_the_abi_layout() -> None:
     )
 
 
+TOTALRAM = 0xFFFFFFFF9F614010  # _totalram_pages, on tk_core's page before it
+
+
+def kernel_without_meminfo(totalram_pages: int | None) -> Kernel:
+    """What an image from another tool gives: no meminfo blob; _totalram_pages in memory."""
+    btf, tk_at = make_btf()
+    pages = make_pages(tk_at)
+    kallsyms = KALLSYMS
+    if totalram_pages is not None:
+        struct.pack_into("<q", pages.pages[TK_PADDR], TOTALRAM - TK_PAGE, totalram_pages)
+        kallsyms += f"{TOTALRAM:x} D _totalram_pages\n"
+    out = blobs(btf, kallsyms)
+    del out["meminfo"]
+    return Kernel(pages.memory(blobs=out, metadata={}))
+
+
+def test_mem_total_without_meminfo_is_totalram_pages_from_memory() -> None:
+    # MEMINFO's MemTotal of 2030000 kB is 507500 pages of 4 KiB.
+    record = sysinfo.sysinfo(kernel_without_meminfo(507500))
+    assert record["mem_total"] == 2030000 * 1024
+    assert record["notes"] is None
+    record = sysinfo.sysinfo(kernel_without_meminfo(None))
+    assert record["mem_total"] is None
+    assert record["notes"] == (
+        "mem_total: neither _totalram_pages nor totalram_pages is in the symbol table"
+    )
+    record = sysinfo.sysinfo(kernel_without_meminfo(-3))
+    assert record["mem_total"] is None
+    assert record["notes"] == (
+        "mem_total: the kernel metadata looks wrong for this image: _totalram_pages is -3,"
+        " outside 1..1099511627776 (are the image's BTF and symbols those of the captured"
+        " kernel?)"
+    )
+
+
 def test_a_page_not_captured_blanks_only_what_lives_there() -> None:
     record = sysinfo.sysinfo(make_kernel(fates={UTS_PADDR: PageFate(Fate.EXCLUDED)}))
     assert {m: record[m] for m in UTS} == dict.fromkeys(UTS)

@@ -419,7 +419,8 @@ def test_buddyinfo_agrees_with_proc_buddyinfo(capture: Capture) -> None:
 
 
 class WithoutBTF:
-    """The capture as an image from another tool would be: no BTF blob."""
+    """The capture of a kernel without BTF: no BTF blob, and no __start_BTF in kallsyms
+    (with it, the kernel's own .BTF section would be read from memory instead)."""
 
     def __init__(self, memory: object) -> None:
         self._memory = memory
@@ -430,7 +431,14 @@ class WithoutBTF:
         return getattr(self._memory, name)
 
     def blob(self, name: str) -> bytes | None:
-        return None if name == "btf" else self._memory.blob(name)  # type: ignore[attr-defined]
+        if name == "btf":
+            return None
+        data = self._memory.blob(name)  # type: ignore[attr-defined]
+        if name == "kallsyms" and data:
+            data = b"".join(
+                line for line in data.splitlines(keepends=True) if b" __start_BTF" not in line
+            )
+        return data
 
 
 def test_without_btf_vmcoreinfo_classifies_all_but_what_needs_btf(
