@@ -32,6 +32,8 @@ def sniff(head: bytes) -> str | None:
         return "elf"
     if head[:4] == LIME_MAGIC_BYTES:
         return "lime"
+    if head[:4] == b"AVML":  # AVML's compressed LiME (collector.image.avml)
+        return "avml"
     return None
 
 
@@ -84,4 +86,8 @@ def open_image(path: str | os.PathLike[str], fmt: str = "auto") -> PhysicalMemor
         return ElfCore(path)
     if fmt == "lime":
         return LimeImage(path)
+    if fmt == "avml":
+        from collector.image.avml import AvmlImage
+
+        return AvmlImage(path)
     return RawImage(path)
