@@ -308,6 +308,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     from collector.image.info import image_info
 
     info = image_info(args.image)
+    if info["format"] != "collector":
+        # Other tools' images carry no blobs: say what was found in memory instead.
+        from collector.image.open import open_image
+        from collector.kernel.kernel import Kernel
+
+        with open_image(args.image) as memory:
+            info["kernel_metadata"] = Kernel(memory).metadata_sources()
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True, default=str))
         return 0

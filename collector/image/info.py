@@ -112,6 +112,9 @@ def format_info(info: dict) -> str:
     if info["format"] != "collector":
         lines += [f"range:    {s:#x}-{e - 1:#x}" for s, e in info["ranges"]]
         lines += [f"blobs:    {', '.join(info['blobs']) or 'none'}"]
+        # Filled in by the caller from the kernel view: where each piece came from.
+        for what, source in (info.get("kernel_metadata") or {}).items():
+            lines.append(f"{what + ':':<12}{source}")
         lines += [f"problem:  {p}" for p in info["problems"]]
         return "\n".join(lines)
     host = info.get("host") or {}

@@ -234,9 +234,26 @@ class Kernel:
                 f"the image carries no usable BTF: {why}, and none recovered from memory: {exc}"
             ) from None
         where = f"memory at {found.address:#x} ({found.size} bytes, __start_BTF..__stop_BTF)"
-        self.sources["btf"] = where
+        self.sources["btf"] = f"recovered from {where}"
         self.notes.append(f"BTF recovered from {where}: {why}")
         return found.btf
+
+    def metadata_sources(self) -> dict[str, str]:
+        """Work out VMCOREINFO, the symbols and BTF, and say where each came from, or why
+        it is not available (one line each, for ``collect info``)."""
+        out = {}
+        for what, get in (
+            ("vmcoreinfo", lambda: self.vmcoreinfo),
+            ("kallsyms", lambda: self.symbols),
+            ("btf", lambda: self.btf),
+        ):
+            try:
+                get()
+            except CollectorError as exc:
+                out[what] = f"not available: {exc}"
+            else:
+                out[what] = self.sources.get(what, "unknown")
+        return out
 
     # -- identity ----------------------------------------------------------------------------
 

@@ -125,6 +125,11 @@ def sysinfo(kernel: Kernel) -> dict[str, Any]:
         record["boot_time"] = attempt("boot_time", lambda: _iso_utc(boot_ns))
     start = memory.metadata.get("start_time")
     record["capture_time"] = start if isinstance(start, str) else None
+    if record["capture_time"] is None:
+        # LiME, AVML and ELF cores record no capture metadata, only memory.
+        kind = memory.metadata.get("format")
+        what = f"a {kind} file" if isinstance(kind, str) else "the image"
+        notes.append(f"capture_time: {what} records no capture start time")
     notes.extend(getattr(kernel, "notes", []))
     record["notes"] = "; ".join(notes) or None
     return record

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import struct
+from pathlib import Path
 
 import pytest
 
+from collector.cli import main
 from collector.errors import ImageError, NotApplicable
+from collector.image.export import export_lime
 from collector.kernel.btf_memory import MAX_BTF_BYTES, check_btf_header, find_btf_in_memory
 from collector.kernel.symbols import Symbol, SymbolTable
 from collector.memory import Fate
@@ -43,7 +47,7 @@ def test_btf_is_read_from_memory_when_the_image_has_no_blob() -> None:
     assert kernel.btf.offsetof("task_struct", "tasks") == 24
     assert kernel.btf._data == data
     where = f"memory at {start:#x} ({len(data)} bytes, __start_BTF..__stop_BTF)"
-    assert kernel.sources["btf"] == where
+    assert kernel.sources["btf"] == f"recovered from {where}"
     assert kernel.notes == [f"BTF recovered from {where}: no blob 'btf'"]
 
 
@@ -174,3 +178,33 @@ def test_without_the_symbols_nothing_is_read() -> None:
         f" {MAX_BTF_BYTES + 1} bytes: not a BTF section (expected 24..{MAX_BTF_BYTES})"
     )
     assert reads == []
+
+
+def test_collect_info_on_a_lime_file_says_where_kernel_metadata_came_from(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sk, start, data = image_with_btf_in_rodata()
+    # This made-up kernel has no kallsyms tables to decode, so VMCOREINFO itself names the
+    # section; real kernels' kallsyms (decoded from memory) does (tests/vm).
+    sk.vmcoreinfo_extra += [
+        f"SYMBOL(__start_BTF)={start:x}",
+        f"SYMBOL(__stop_BTF)={start + len(data):x}",
+    ]
+    text = sk.vmcoreinfo().encode()
+    note = sk.global_("vmcoreinfo_data", "char", len(text) + 1)
+    sk.write(note, text)
+    path = tmp_path / "m.lime"
+    with path.open("wb") as out:
+        export_lime(sk.memory(), out)
+    assert main(["info", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-4:] == [
+        "blobs:    none",
+        f"vmcoreinfo: found in memory at physical {note - START_KERNEL_MAP:#x}",
+        "kallsyms:   VMCOREINFO SYMBOL() entries only",
+        f"btf:        recovered from memory at {start:#x} ({len(data)} bytes,"
+        " __start_BTF..__stop_BTF)",
+    ]
+    assert main(["info", "--json", str(path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kernel_metadata"]["btf"] == lines[-1].split(None, 1)[1]

@@ -202,25 +202,28 @@ def kernel_without_meminfo(totalram_pages: int | None) -> Kernel:
         kallsyms += f"{TOTALRAM:x} D _totalram_pages\n"
     out = blobs(btf, kallsyms)
     del out["meminfo"]
-    return Kernel(pages.memory(blobs=out, metadata={}))
+    return Kernel(pages.memory(blobs=out, metadata={"format": "lime"}))
 
 
 def test_mem_total_without_meminfo_is_totalram_pages_from_memory() -> None:
     # MEMINFO's MemTotal of 2030000 kB is 507500 pages of 4 KiB.
     record = sysinfo.sysinfo(kernel_without_meminfo(507500))
     assert record["mem_total"] == 2030000 * 1024
-    assert record["notes"] is None
+    # Every other field is filled; the one that stays None says why.
+    assert [k for k, v in record.items() if v is None] == ["capture_time"]
+    assert record["notes"] == "capture_time: a lime file records no capture start time"
     record = sysinfo.sysinfo(kernel_without_meminfo(None))
     assert record["mem_total"] is None
     assert record["notes"] == (
-        "mem_total: neither _totalram_pages nor totalram_pages is in the symbol table"
+        "mem_total: neither _totalram_pages nor totalram_pages is in the symbol table;"
+        " capture_time: a lime file records no capture start time"
     )
     record = sysinfo.sysinfo(kernel_without_meminfo(-3))
     assert record["mem_total"] is None
     assert record["notes"] == (
         "mem_total: the kernel metadata looks wrong for this image: _totalram_pages is -3,"
         " outside 1..1099511627776 (are the image's BTF and symbols those of the captured"
-        " kernel?)"
+        " kernel?); capture_time: a lime file records no capture start time"
     )
 
 
