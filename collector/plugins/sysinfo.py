@@ -128,7 +128,7 @@ def sysinfo(kernel: Kernel) -> dict[str, Any]:
     if record["capture_time"] is None:
         # LiME, AVML and ELF cores record no capture metadata, only memory.
         kind = memory.metadata.get("format")
-        what = f"a {kind} file" if isinstance(kind, str) else "the image"
+        what = f"the {kind} format" if isinstance(kind, str) else "the image"
         notes.append(f"capture_time: {what} records no capture start time")
     notes.extend(getattr(kernel, "notes", []))
     record["notes"] = "; ".join(notes) or None

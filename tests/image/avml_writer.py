@@ -9,6 +9,8 @@ or cramjam's compressor's output; CRC-32C is computed here, bit by bit from the 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from typing import BinaryIO
 
 AVML_HEADER = struct.Struct("<IIQQQ")
 AVML_MAGIC = 0x4C4D5641
@@ -110,3 +112,31 @@ def avml_range(start: int, data: bytes, style: str = "literal") -> bytes:
 
 def avml_file(ranges: dict[int, bytes], style: str = "literal") -> bytes:
     return b"".join(avml_range(start, data, style) for start, data in sorted(ranges.items()))
+
+
+#: AVML's MAX_BLOCK_SIZE: ranges are cut into blocks of at most this many bytes.
+AVML_BLOCK = 0x1000 * 0x1000
+
+
+def write_avml_like(
+    ranges: list[tuple[int, int]], read: Callable[[int, int], bytes], out: BinaryIO
+) -> int:
+    """Write memory as AVML itself does (src/image.rs copy_block): each range cut into
+    16 MiB blocks, each block one framed stream from Rust's snap crate (cramjam's), and a
+    block that is all zeros left out. Returns how many blocks were left out.
+
+    :param ranges: ``(start, end)`` with ``end`` exclusive.
+    :param read: ``read(paddr, size) -> bytes``.
+    """
+    import cramjam
+
+    left_out = 0
+    for start, end in ranges:
+        for at in range(start, end, AVML_BLOCK):
+            data = read(at, min(AVML_BLOCK, end - at))
+            if not data.strip(b"\0"):
+                left_out += 1
+                continue
+            stream = bytes(cramjam.snappy.compress(data))
+            out.write(header(at, at + len(data) - 1) + stream + struct.pack("<Q", len(stream)))
+    return left_out

@@ -211,19 +211,19 @@ def test_mem_total_without_meminfo_is_totalram_pages_from_memory() -> None:
     assert record["mem_total"] == 2030000 * 1024
     # Every other field is filled; the one that stays None says why.
     assert [k for k, v in record.items() if v is None] == ["capture_time"]
-    assert record["notes"] == "capture_time: a lime file records no capture start time"
+    assert record["notes"] == "capture_time: the lime format records no capture start time"
     record = sysinfo.sysinfo(kernel_without_meminfo(None))
     assert record["mem_total"] is None
     assert record["notes"] == (
         "mem_total: neither _totalram_pages nor totalram_pages is in the symbol table;"
-        " capture_time: a lime file records no capture start time"
+        " capture_time: the lime format records no capture start time"
     )
     record = sysinfo.sysinfo(kernel_without_meminfo(-3))
     assert record["mem_total"] is None
     assert record["notes"] == (
         "mem_total: the kernel metadata looks wrong for this image: _totalram_pages is -3,"
         " outside 1..1099511627776 (are the image's BTF and symbols those of the captured"
-        " kernel?); capture_time: a lime file records no capture start time"
+        " kernel?); capture_time: the lime format records no capture start time"
     )
 
 
