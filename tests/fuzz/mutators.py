@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -95,6 +96,17 @@ def lime_file() -> bytes:
     fates = {0x100000 + PAGE: PageFate(Fate.UNREADABLE, 5)}
     export_lime(SparseMemory(ram(), fates=fates), out)
     return out.getvalue()
+
+
+def avml_file() -> bytes:
+    """The RAM as AVML writes it (the unreadable page as zeros, as AVML's reads give)."""
+    from tests.image.avml_writer import avml_file as write_avml
+
+    memory = ram()
+    high = bytearray(memory[0x100000])
+    high[PAGE : 2 * PAGE] = bytes(PAGE)
+    memory[0x100000] = bytes(high)
+    return write_avml(memory, "mixed")
 
 
 def elf_core() -> bytes:
@@ -316,5 +328,27 @@ def elf_many_segments(data: bytes, draw: Draw) -> bytes:
     return bytes(out) + struct.pack("<IIQQQQIIQQ", 0, 0, 0, 0, 0, 0, 0, n, 0, 0)
 
 
+def avml_absurd(data: bytes, draw: Draw) -> bytes:
+    """An extreme start or end in an AVML header, or an extreme length in the first chunk of
+    its stream: the chunk's three-byte length or the snappy preamble (the declared size)."""
+    out = bytearray(data)
+    heads = [m.start() for m in re.finditer(rb"AVML\x02\x00\x00\x00", data)]
+    at = draw(st.sampled_from(heads))
+    value = draw(st.sampled_from(ABSURD))
+    chunk = at + 32 + 10  # the first chunk follows the header and the stream identifier
+    where = draw(st.sampled_from(["start", "end", "length", "preamble"]))
+    if where in ("start", "end"):
+        struct.pack_into("<Q", out, at + (8 if where == "start" else 16), value)
+    elif where == "length":
+        out[chunk + 1 : chunk + 4] = (value % (1 << 24)).to_bytes(3, "little")
+    else:
+        preamble = bytearray()
+        for i in range(5):  # a base-128 varint cut at five bytes
+            preamble.append((value >> (7 * i)) & 0x7F | (0x80 if i < 4 else 0))
+        out[chunk + 8 : chunk + 13] = preamble
+    return bytes(out)
+
+
 LIME_MUTATORS = [flip_bits, truncate, lime_absurd, lime_many_ranges]
+AVML_MUTATORS = [flip_bits, truncate, avml_absurd]
 ELF_MUTATORS = [flip_bits, truncate, elf_absurd, elf_many_segments]

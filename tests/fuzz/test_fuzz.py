@@ -1,7 +1,7 @@
 """Hostile images through every command: one clear error or identical data, never a
 traceback, a hang or unbounded memory.
 
-Each example mutates a good native image, LiME file or ELF core (tests/fuzz/mutators.py) and
+Each example mutates a good native image, LiME file, AVML file or ELF core (tests/fuzz/mutators.py) and
 runs `collect info`, `verify`, `export` (to LiME, raw and ELF), `translate` and `analyze` on
 it through the command-line entry point, in this process. What each must do:
 
@@ -13,7 +13,7 @@ it through the command-line entry point, in this process. What each must do:
 - for native images damaged (not forged), serve every page either as the bytes written or
   not at all.
 
-CI runs 540 fixed examples. The long run is ``python -m tests.fuzz --examples 50000``
+CI runs 600 fixed examples. The long run is ``python -m tests.fuzz --examples 50000``
 (or ``COLLECTOR_FUZZ_EXAMPLES=50000 python -m pytest tests/fuzz``).
 """
 
@@ -154,6 +154,7 @@ def good(kind: str) -> bytes:
     return {
         "native": mutators.native_image,
         "lime": mutators.lime_file,
+        "avml": mutators.avml_file,
         "elf": mutators.elf_core,
     }[kind]()
 
@@ -187,6 +188,13 @@ def test_hostile_lime_files(tmp_path: Path, data: st.DataObject) -> None:
     fuzz_one(tmp_path, "lime", mutate, data.draw)
 
 
+@fuzz_settings(60)
+@given(st.data())
+def test_hostile_avml_files(tmp_path: Path, data: st.DataObject) -> None:
+    mutate = data.draw(st.sampled_from(mutators.AVML_MUTATORS))
+    fuzz_one(tmp_path, "avml", mutate, data.draw)
+
+
 @fuzz_settings(120)
 @given(st.data())
 def test_hostile_elf_cores(tmp_path: Path, data: st.DataObject) -> None:
@@ -194,7 +202,7 @@ def test_hostile_elf_cores(tmp_path: Path, data: st.DataObject) -> None:
     fuzz_one(tmp_path, "elf", mutate, data.draw)
 
 
-@pytest.mark.parametrize("kind", ["native", "lime", "elf"])
+@pytest.mark.parametrize("kind", ["native", "lime", "avml", "elf"])
 def test_the_good_inputs_pass_every_command(tmp_path: Path, kind: str) -> None:
     path = tmp_path / f"good.{kind}"
     path.write_bytes(good(kind))
