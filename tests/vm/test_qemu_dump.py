@@ -59,8 +59,8 @@ def test_qemu_dump_is_an_image(capture: Capture) -> None:
     info = collect("info", str(dump), "--json")
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["format"] == "elf-core"
-    # No BTF and no kallsyms travel in a QEMU dump: sysinfo then reads uname through
-    # VMCOREINFO's offsets and symbols decoded from memory.
+    # No BTF and no kallsyms travel in a QEMU dump: kallsyms is decoded from memory through
+    # VMCOREINFO, and BTF read from the kernel's .BTF section it locates.
     result = collect("analyze", str(dump), "sysinfo", "--format", "json")
     assert result.returncode == 0, result.stderr
     (record,) = json.loads(result.stdout)
