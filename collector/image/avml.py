@@ -53,8 +53,9 @@ CHUNK_PADDING = 0xFE
 MAX_OTHER_CHUNKS = 64
 #: Decompressed chunks kept for the next read (64 KiB each).
 CACHE_CHUNKS = 64
-#: How much of the file is read at a time while walking chunk headers.
-_WINDOW = 1 << 20
+#: How much of the file is read at a time while walking chunk headers: one read per 64 KiB
+#: chunk, and many small chunks per read.
+_WINDOW = 4096
 
 # Kinds of the pieces a range is cut into, as stored in the index.
 _RAW, _SNAPPY, _PLAIN = 0, 1, 2
