@@ -92,7 +92,7 @@ class Kernel:
         #: Fallbacks taken while working things out, one line each, for reports.
         self.notes: list[str] = []
         #: Where each piece of kernel metadata came from, once worked out: ``vmcoreinfo``,
-        #: ``kallsyms`` and ``btf`` to one line each (``blob btf``, ``memory at ...``).
+        #: ``kallsyms`` and ``btf`` to one line each (``blob btf``, ``recovered from memory at``).
         self.sources: dict[str, str] = {}
         self._vmcoreinfo = _Lazy(
             lambda: (
