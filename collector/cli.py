@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 import collector
-from collector.errors import CollectorError, UsageError
+from collector.errors import CollectorError, UnsupportedImage, UsageError
 from collector.signals import Interrupted
 
 CAPTURE_EPILOG = """\
@@ -63,6 +63,76 @@ def _range(text: str):
         return parse_range(text)
     except CollectorError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+IMAGE_FORMATS = ("auto", "native", "lime", "elf", "kdump", "raw")
+#: Suffix of the iomem file beside a raw memory file (mem.raw -> mem.raw.iomem).
+IOMEM_SIDECAR = ".iomem"
+
+
+def add_image_options(p: argparse.ArgumentParser) -> None:
+    """The options every command that opens an image shares: how to read the file."""
+    p.add_argument(
+        "--image-format",
+        choices=IMAGE_FORMATS,
+        default="auto",
+        help="the image's format (default: auto, from its first bytes). A raw file has no "
+        "magic: give raw for one",
+    )
+    p.add_argument(
+        "--memory-map",
+        metavar="MAP",
+        help="for a raw file: the physical ranges it holds, at the offsets of their "
+        "addresses, as START-END[,START-END...] (inclusive ends, like /proc/iomem; or "
+        "START+SIZE) or the path of a /proc/iomem copy (its System RAM lines). Implies "
+        f"--image-format raw. Default: FILE{IOMEM_SIDECAR} beside the raw file if it exists, "
+        "else the whole file from address 0",
+    )
+
+
+def memory_map(text: str) -> list[tuple[int, int]]:
+    """The ranges a ``--memory-map`` value names: an iomem file's System RAM, or a list.
+
+    :raises CollectorError: an unreadable file (1), a bad range list (2).
+    """
+    from collector.acquire.iomem import parse_iomem, parse_range, system_ram
+
+    if os.path.exists(text):
+        try:
+            with open(text, encoding="utf-8", errors="replace") as f:
+                iomem = f.read()
+        except OSError as e:
+            raise CollectorError(f"{text}: cannot read the memory map: {e.strerror}") from None
+        ranges = system_ram(parse_iomem(iomem))
+        if not ranges:
+            raise CollectorError(f"{text}: no System RAM lines: not a /proc/iomem copy", 2)
+        return [(r.start, r.end) for r in ranges]
+    out = []
+    for part in text.split(","):
+        r = parse_range(part)
+        out.append((r.start, r.end))
+    return out
+
+
+def image_source(args: argparse.Namespace) -> tuple[str, list[tuple[int, int]] | None]:
+    """The format and, for a raw file, the memory map to open ``args.image`` with."""
+    fmt = args.image_format
+    spec = args.memory_map
+    if spec is not None:
+        if fmt not in ("auto", "raw"):
+            raise UsageError(f"--memory-map is for raw files, not --image-format {fmt}")
+        fmt = "raw"
+    elif fmt == "raw" and os.path.isfile(args.image + IOMEM_SIDECAR):
+        spec = args.image + IOMEM_SIDECAR
+    return fmt, None if spec is None else memory_map(spec)
+
+
+def open_from_args(args: argparse.Namespace):
+    """``open_image`` of ``args.image`` as the image options say."""
+    from collector.image.open import open_image
+
+    fmt, ranges = image_source(args)
+    return open_image(args.image, fmt, ranges)
 
 
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
@@ -307,7 +377,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from collector.image.info import image_info
 
-    info = image_info(args.image)
+    info = image_info(args.image, *image_source(args))
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True, default=str))
         return 0
@@ -333,18 +403,20 @@ The first that applies, in the order 1, 4, 3.
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from collector.image.open import sniff_file
+    from collector.image.open import FORMAT_NAMES, not_an_image, read_head, sniff
     from collector.image.reader import STATUS_WORDS, NativeImage
     from collector.text import escape_text
 
-    kind = sniff_file(args.image)
-    if kind not in ("native", None):
-        raise CollectorError(
-            f"{args.image}: is an {kind.upper()} file, which carries no checksums to verify; "
-            "`collect info` lists its ranges and what is missing"
-            if kind == "elf"
-            else f"{args.image}: is a {'LiME' if kind == 'lime' else kind} file, which carries "
-            "no checksums to verify; `collect info` lists its ranges and what is missing"
+    fmt, _ranges = image_source(args)
+    head = read_head(args.image)
+    kind = sniff(head) if fmt == "auto" else fmt
+    if kind is None:
+        raise not_an_image(args.image, head)
+    if kind != "native":
+        raise UnsupportedImage(
+            args.image,
+            f"{FORMAT_NAMES[kind]} carries no checksums to verify; "
+            "`collect info` lists its ranges and what is missing",
         )
     with NativeImage(args.image) as img:
         report = img.verify()
@@ -398,10 +470,9 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
-    from collector.image.open import open_image
     from collector.kernel.kernel import Kernel
 
-    memory = open_image(args.image)
+    memory = open_from_args(args)
     try:
         kernel = Kernel(memory)
         if args.pfn is not None:
@@ -437,13 +508,12 @@ def _address(kernel, text: str) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from collector import outfile, signals
     from collector.image import export
-    from collector.image.open import open_image
 
     if args.to == "raw" and args.output == "-":
         raise CollectorError("a raw (padded) export needs a file it can seek in, not stdout", 2)
     if args.to == "isf":
         return _export_isf(args)
-    memory = open_image(args.image)
+    memory = open_from_args(args)
     try:
         with signals.handled(), outfile.writing(args.output, args.force) as out:
             if args.to == "raw":
@@ -498,12 +568,11 @@ def cmd_drgn(args: argparse.Namespace) -> int:
 
 def _export_isf(args: argparse.Namespace) -> int:
     from collector import outfile, signals
-    from collector.image.open import open_image
     from collector.interop import isf
     from collector.kernel.kernel import Kernel
 
     started = time.monotonic()
-    memory = open_image(args.image)
+    memory = open_from_args(args)
     try:
         result = isf.build_isf(Kernel(memory))
         with signals.handled(), outfile.writing(args.output, args.force) as out:
@@ -556,6 +625,7 @@ def command_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
 
     p = sub.add_parser("info", help="describe an image")
     p.add_argument("image")
+    add_image_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_info)
 
@@ -570,6 +640,7 @@ def command_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("image")
+    add_image_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_verify)
 
@@ -582,6 +653,7 @@ def command_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
         help="walk the page tables for a virtual address (hex, or a kernel symbol name)",
     )
     p.add_argument("image")
+    add_image_options(p)
     p.add_argument("address", nargs="?")
     p.add_argument("--pfn", type=lambda s: int(s, 0), help="translate the struct page of PFN N")
     p.add_argument("--json", action="store_true")
@@ -599,6 +671,7 @@ def command_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
         "its partial file and leaves an existing one as it was.",
     )
     p.add_argument("image")
+    add_image_options(p)
     p.add_argument("--to", choices=["lime", "raw", "elf", "isf"], required=True)
     p.add_argument(
         "-o", "--output", required=True, help="file to create, or - for stdout (not for raw)"

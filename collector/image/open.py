@@ -25,6 +25,14 @@ ZSTD_SKIPPABLE_MIN = 0x184D2A50
 ZSTD_SKIPPABLE_MAX = 0x184D2A5F
 
 FORMATS = ("auto", "native", "lime", "elf", "kdump", "raw")
+#: What each format is called in messages.
+FORMAT_NAMES = {
+    "native": "a collector image",
+    "lime": "a LiME file",
+    "elf": "an ELF core",
+    "kdump": "a kdump-compressed dump",
+    "raw": "a raw memory file",
+}
 #: Bytes :func:`sniff` looks at.
 SNIFF_BYTES = 16
 
@@ -48,7 +56,11 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def _head(path: str | os.PathLike[str]) -> bytes:
+def read_head(path: str | os.PathLike[str]) -> bytes:
+    """The first :data:`SNIFF_BYTES` bytes of the file at ``path`` (fewer if it is shorter).
+
+    :raises CannotOpenImage: it cannot be opened, or is no regular file or block device.
+    """
     fd = open_regular(path, allow_block=True)
     try:
         return os.pread(fd, SNIFF_BYTES, 0)
@@ -64,7 +76,7 @@ def sniff_file(path: str | os.PathLike[str]) -> str | None:
     :raises CannotOpenImage: it cannot be opened, or is a FIFO, socket, character device or
         directory (refused at once, without waiting on a writer).
     """
-    return sniff(_head(path))
+    return sniff(read_head(path))
 
 
 def not_an_image(path: str | os.PathLike[str], head: bytes) -> NotAnImage:
@@ -99,7 +111,7 @@ def open_image(
         raise UsageError(f"unknown image format {fmt!r} (choose from {', '.join(FORMATS)})")
     if memory_map is not None and fmt != "raw":
         raise UsageError("a memory map is for raw files only (--image-format raw)")
-    head = _head(path)
+    head = read_head(path)
     if fmt == "auto":
         found = sniff(head)
         if found is None:
