@@ -34,13 +34,16 @@ examples:
   zstd -dc IMAGE > mem.lime                     a LiME file for Volatility 3
   collect export IMAGE --to isf -o syms/k.json.xz  its symbol table (vol -s syms)
   zstd -dc IMAGE | sha256sum                    compare with `collect info IMAGE`
+  collect analyze /var/crash/*/dump.* dmesg     a kdump-compressed dump (makedumpfile -c/-z)
+  collect info mem.raw --image-format raw       a raw file; its map from mem.raw.iomem if there
 
 output: the image is always a new file, mode 0600, owned by the user running collect.
 --force replaces an existing regular file (never a symlink, directory or device) by renaming
 a new file over it before any RAM is read; the old file is not kept, so a capture that fails
 after that leaves its own image, readable up to its last complete chunk, under that name.
 
-exit status: 0 done, 1 error, 2 usage, 130/143 interrupted by SIGINT/SIGTERM. A signal
+exit status: 0 done, 1 error, 2 usage, 130/143 interrupted by SIGINT/SIGTERM; commands
+that open an image: 3 truncated, 5 cannot open, 6 not a memory image, 7 unsupported. A signal
 while planning or probing ends collect at once and writes nothing; once the image is open,
 the chunk under way is completed and the image closed, saying what it misses.
 """
@@ -392,33 +395,35 @@ VERIFY_EPILOG = """\
 exit status:
   0  intact: every record, chunk and hash checks, and every range the image announces is there
   1  RAM damaged: a chunk, its descriptor, their order or the stream hash does not check
-     (also: the file is no image, or its HEADER cannot be read)
+     (also: the HEADER is there but cannot be decoded)
   2  usage error
   3  incomplete: what is there checks, but RAM the image announced is missing (cut short,
      capture stopped by a signal or a full disk); the reason and the ranges are printed
   4  damaged metadata, RAM intact: a HEADER, blob, END, INDEX or seek-table record is damaged
      but every chunk checks against its descriptor
-The first that applies, in the order 1, 4, 3.
+The first that applies, in the order 1, 4, 3. A file that cannot be opened ends as in
+every command: 5 cannot open, 6 not a memory image, 3 cut inside its HEADER, 7 unsupported
+(LiME, ELF, kdump and raw files carry no checksums to verify).
 """
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from collector.image.open import FORMAT_NAMES, not_an_image, read_head, sniff
+    from collector.image.open import FORMAT_NAMES, open_image, sniff_file
     from collector.image.reader import STATUS_WORDS, NativeImage
     from collector.text import escape_text
 
-    fmt, _ranges = image_source(args)
-    head = read_head(args.image)
-    kind = sniff(head) if fmt == "auto" else fmt
-    if kind is None:
-        raise not_an_image(args.image, head)
-    if kind != "native":
+    fmt, ranges = image_source(args)
+    # Opened as every command opens it, so that a file that cannot be read fails alike.
+    memory = open_image(args.image, fmt, ranges)
+    if not isinstance(memory, NativeImage):
+        memory.close()
+        kind = fmt if fmt != "auto" else sniff_file(args.image) or "raw"
         raise UnsupportedImage(
             args.image,
             f"{FORMAT_NAMES[kind]} carries no checksums to verify; "
             "`collect info` lists its ranges and what is missing",
         )
-    with NativeImage(args.image) as img:
+    with memory as img:
         report = img.verify()
         damage = list(img.damage)
     status = report.status

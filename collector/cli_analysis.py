@@ -65,6 +65,12 @@ def run_analyze(args: argparse.Namespace) -> int:
     registered = manager.analysis(args.analysis)
     parsed = analysis_parser(registered).parse_args(args.options)
     image_format, memory_map = image_source(args)
+    # Only what differs from opening by the file's magic is passed on.
+    opening: dict[str, Any] = {}
+    if image_format != "auto":
+        opening["image_format"] = image_format
+    if memory_map is not None:
+        opening["memory_map"] = memory_map
     options = {o.name: getattr(parsed, o.name) for o in registered.analysis.options}
     _tolerant(sys.stdout)
     fmt = parsed.format or args.format or "table"
@@ -74,8 +80,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         options,
         manager=manager,
         consume=lambda r: write_result(sys.stdout, r, fmt),
-        image_format=image_format,
-        memory_map=memory_map,
+        **opening,
     )
     error = result.final_error()
     if error is not None:
