@@ -167,10 +167,10 @@ def test_verify_says_a_format_without_checksums_is_unsupported(tmp_path, capsys,
         _kdump(path)
     else:
         path.write_bytes(LIME)
-    argv = ["verify", str(path)] + (["--image-format", "raw"] if fmt == "raw" else [])
+    argv = ["verify", str(path), *(["--image-format", "raw"] if fmt == "raw" else [])]
     assert main(argv) == 7
     assert capsys.readouterr().err == (
         f"collect: {path}: unsupported: {what} carries no checksums to verify; "
         "`collect info` lists its ranges and what is missing\n"
     )
-    assert main(["info", str(path)] + argv[2:]) == 0
+    assert main(["info", str(path), *argv[2:]]) == 0
