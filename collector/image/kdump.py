@@ -169,7 +169,7 @@ class KdumpImage(FileImage):
     def _parse(self) -> None:
         name = self._file.name
         head = self._file.read_at(0, DISK_DUMP_HEADER.size)
-        if head[:8] == FLATTENED_SIGNATURE[:8] and head.startswith(FLATTENED_SIGNATURE):
+        if head.startswith(FLATTENED_SIGNATURE):
             raise UnsupportedImage(
                 name,
                 "a flattened makedumpfile stream (makedumpfile -F); "
@@ -280,12 +280,18 @@ class KdumpImage(FileImage):
 
     def _build_rank(self) -> None:
         """``_rank[i]``: descriptors before page frame ``i * _RANK_BITS`` (last: the total)."""
-        bits = np.frombuffer(self._bitmap2, dtype=np.uint8)
         step = _RANK_BITS // 8
-        pad = (-len(bits)) % step
-        counts = _POPCOUNT[np.concatenate([bits, np.zeros(pad, np.uint8)])].reshape(-1, step)
-        per_block = counts.sum(axis=1, dtype=np.int64)
-        self._rank = [0, *np.cumsum(per_block).tolist()]
+        counts = [0]
+        total = 0
+        chunk = step << 12  # 2 MiB of bitmap at a time: no copy of a large bitmap at once
+        for base in range(0, len(self._bitmap2), chunk):
+            part = np.frombuffer(self._bitmap2[base : base + chunk], dtype=np.uint8)
+            part = np.concatenate([part, np.zeros((-len(part)) % step, np.uint8)])
+            per_block = _POPCOUNT[part].reshape(-1, step).sum(axis=1, dtype=np.int64)
+            for n in np.cumsum(per_block).tolist():
+                counts.append(total + n)
+            total = counts[-1]
+        self._rank = counts
 
     def _runs(self, bitmap: bytes) -> list[tuple[int, int]]:
         """Runs of set bits as physical ``(start, end)``, end exclusive."""

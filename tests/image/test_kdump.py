@@ -78,6 +78,18 @@ def test_descriptors_are_found_across_rank_blocks(tmp_path):
         assert img.fate(4094 * PAGE).fate == Fate.EXCLUDED
 
 
+def test_descriptors_are_found_past_the_first_2_mib_of_bitmap(tmp_path):
+    """The rank table is built 2 MiB of bitmap (2^24 page frames) at a time."""
+    kept = [5, (1 << 24) - 1, 1 << 24, (1 << 24) + 300]
+    pages = _pages(kept, seed=9)
+    path = tmp_path / "dump"
+    write_kdump(path, pages, [(0, 10), ((1 << 24) - 10, (1 << 24) + 400)], compression="zstd")
+    with KdumpImage(path) as img:
+        assert img.ranges() == [(0, 10 * PAGE), (((1 << 24) - 10) * PAGE, ((1 << 24) + 400) * PAGE)]
+        for pfn in kept:
+            assert img.read(pfn * PAGE, PAGE) == pages[pfn], pfn
+
+
 def test_header_version_5_takes_the_32_bit_max_mapnr(tmp_path):
     pages = _pages(range(1, 5))
     path = tmp_path / "dump"
