@@ -38,11 +38,9 @@ class Dump:
     level: int
     #: makedumpfile's own report (--message-level 16): counts of pages by why they went.
     report: dict[str, int]
-    #: makedumpfile said it does not know this kernel version's page flags.
-    unsupported_kernel: bool
 
 
-def _makedumpfile(elf: Path, out: Path, *options: str) -> tuple[dict[str, int], bool]:
+def _makedumpfile(elf: Path, out: Path, *options: str) -> dict[str, int]:
     tool = shutil.which("makedumpfile")
     assert tool, "makedumpfile is not installed (.ci/install-debian-packages installs it)"
     # No vmlinux: makedumpfile finds mem_map and the page flags in VMCOREINFO alone.
@@ -54,11 +52,10 @@ def _makedumpfile(elf: Path, out: Path, *options: str) -> tuple[dict[str, int], 
     )
     text = run.stdout + run.stderr
     assert run.returncode == 0, text
-    report = {
+    return {
         name.strip(): int(value, 16)
         for name, value in re.findall(r"^\s*([A-Za-z][A-Za-z -]+?)\s*:\s*(0x[0-9a-f]+)", text, re.M)
     }
-    return report, "The kernel version is not supported" in text
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +69,7 @@ def dumps(capture: Capture) -> list[Dump]:
     for level in (31, 0):
         path = out / f"dump-d{level}.kdump"
         path.unlink(missing_ok=True)
-        report, unsupported = _makedumpfile(elf, path, "-c", "-d", str(level))
-        found.append(Dump(path, level, report, unsupported))
+        found.append(Dump(path, level, _makedumpfile(elf, path, "-c", "-d", str(level))))
     elf.unlink()
     return found
 
@@ -160,19 +156,26 @@ def test_analyses_match_the_capture(capture, dumps, kernel, name):
     assert native
     for dump in dumps:
         with KdumpImage(dump.path) as kd:
-            records = analyze_kernel(Kernel(_with_blobs(kd, kernel.memory)), name).records
-        if dump.level == 0 or not dump.unsupported_kernel or name != "pslist":
+            result = analyze_kernel(Kernel(_with_blobs(kd, kernel.memory)), name)
+        records = result.records
+        # Level 0 keeps every page; the printk ring buffer is never a page level 31 drops.
+        if dump.level == 0 or name == "dmesg":
             assert records == native, (dump.level, name)
+            assert result.error is None
             continue
-        # A makedumpfile that does not know this kernel's page types may drop slab pages
-        # still in use (1.7.2 on 6.12 drops some holding creds and task_structs, as free
-        # pages): the records that read them say so, the others are the capture's.
+        # At level 31, makedumpfile 1.7.2 (from 2022) drops some slab and module pages of
+        # 6.12 that are in use, as free pages: it does not know the page types of 6.10 and
+        # later ("mm: free up PG_slab"). Every record is then the capture's, or says what it
+        # could not read; a shorter list says why it stopped.
         key = KEYS[name]
         by_key = {r[key]: r for r in native}
-        assert {r[key] for r in records} - {None} <= set(by_key)
         for record in records:
-            if record != by_key.get(record[key]):  # torn, or a field unread: said why
-                assert "was not captured: excluded" in str(record.get("note") or ""), record
+            if record != by_key.get(record[key]):
+                assert record.get("note") or record.get("notes"), record
+        said = " ".join(str(r.get("note") or r.get("notes") or "") for r in records)
+        said += str(result.error or "")
+        if records != native:
+            assert "was not captured: excluded" in said, (name, said)
 
 
 def test_every_command_reads_the_dump(capture, dumps):
