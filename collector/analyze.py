@@ -200,6 +200,8 @@ def run_analysis(
     *,
     manager: PluginManager | None = None,
     consume: Callable[[AnalysisResult], None] | None = None,
+    image_format: str = "auto",
+    memory_map: list[tuple[int, int]] | None = None,
 ) -> AnalysisResult:
     """Open the image at ``image_path``, set up its kernel and run the analysis ``name``.
 
@@ -207,6 +209,8 @@ def run_analysis(
 
     :param consume: called with the result while the image is still open; its records are
         then streamed (a :class:`RecordStream`), so millions of records never sit in memory.
+    :param image_format: and ``memory_map``: how to open the file, as
+        :func:`collector.image.open.open_image` takes them.
 
     :raises NotApplicable: the analysis does not apply to this image (the message says why).
     :raises CollectorError: the image cannot be opened, or as :func:`analyze_kernel`.
@@ -217,7 +221,7 @@ def run_analysis(
 
     manager = manager or PluginManager()
     resolve_options(manager.analysis(name).analysis, options)
-    memory = open_image(image_path)
+    memory = open_image(image_path, image_format, memory_map)
     try:
         kernel = Kernel(memory)
         result = analyze_kernel(

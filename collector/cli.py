@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 import collector
-from collector.errors import CollectorError, UsageError
+from collector.errors import CollectorError, UnsupportedImage, UsageError
 from collector.signals import Interrupted
 
 CAPTURE_EPILOG = """\
@@ -34,13 +34,16 @@ examples:
   zstd -dc IMAGE > mem.lime                     a LiME file for Volatility 3
   collect export IMAGE --to isf -o syms/k.json.xz  its symbol table (vol -s syms)
   zstd -dc IMAGE | sha256sum                    compare with `collect info IMAGE`
+  collect analyze /var/crash/*/dump.* dmesg     a kdump-compressed dump (makedumpfile -c/-z)
+  collect info mem.raw --image-format raw       a raw file; its map from mem.raw.iomem if there
 
 output: the image is always a new file, mode 0600, owned by the user running collect.
 --force replaces an existing regular file (never a symlink, directory or device) by renaming
 a new file over it before any RAM is read; the old file is not kept, so a capture that fails
 after that leaves its own image, readable up to its last complete chunk, under that name.
 
-exit status: 0 done, 1 error, 2 usage, 130/143 interrupted by SIGINT/SIGTERM. A signal
+exit status: 0 done, 1 error, 2 usage, 130/143 interrupted by SIGINT/SIGTERM; commands
+that open an image: 3 truncated, 5 cannot open, 6 not a memory image, 7 unsupported. A signal
 while planning or probing ends collect at once and writes nothing; once the image is open,
 the chunk under way is completed and the image closed, saying what it misses.
 """
@@ -63,6 +66,76 @@ def _range(text: str):
         return parse_range(text)
     except CollectorError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+IMAGE_FORMATS = ("auto", "native", "lime", "avml", "elf", "kdump", "raw")
+#: Suffix of the iomem file beside a raw memory file (mem.raw -> mem.raw.iomem).
+IOMEM_SIDECAR = ".iomem"
+
+
+def add_image_options(p: argparse.ArgumentParser) -> None:
+    """The options every command that opens an image shares: how to read the file."""
+    p.add_argument(
+        "--image-format",
+        choices=IMAGE_FORMATS,
+        default="auto",
+        help="the image's format (default: auto, from its first bytes). A raw file has no "
+        "magic: give raw for one",
+    )
+    p.add_argument(
+        "--memory-map",
+        metavar="MAP",
+        help="for a raw file: the physical ranges it holds, at the offsets of their "
+        "addresses, as START-END[,START-END...] (inclusive ends, like /proc/iomem; or "
+        "START+SIZE) or the path of a /proc/iomem copy (its System RAM lines). Implies "
+        f"--image-format raw. Default: FILE{IOMEM_SIDECAR} beside the raw file if it exists, "
+        "else the whole file from address 0",
+    )
+
+
+def memory_map(text: str) -> list[tuple[int, int]]:
+    """The ranges a ``--memory-map`` value names: an iomem file's System RAM, or a list.
+
+    :raises CollectorError: an unreadable file (1), a bad range list (2).
+    """
+    from collector.acquire.iomem import parse_iomem, parse_range, system_ram
+
+    if os.path.exists(text):
+        try:
+            with open(text, encoding="utf-8", errors="replace") as f:
+                iomem = f.read()
+        except OSError as e:
+            raise CollectorError(f"{text}: cannot read the memory map: {e.strerror}") from None
+        ranges = system_ram(parse_iomem(iomem))
+        if not ranges:
+            raise CollectorError(f"{text}: no System RAM lines: not a /proc/iomem copy", 2)
+        return [(r.start, r.end) for r in ranges]
+    out = []
+    for part in text.split(","):
+        r = parse_range(part)
+        out.append((r.start, r.end))
+    return out
+
+
+def image_source(args: argparse.Namespace) -> tuple[str, list[tuple[int, int]] | None]:
+    """The format and, for a raw file, the memory map to open ``args.image`` with."""
+    fmt = args.image_format
+    spec = args.memory_map
+    if spec is not None:
+        if fmt not in ("auto", "raw"):
+            raise UsageError(f"--memory-map is for raw files, not --image-format {fmt}")
+        fmt = "raw"
+    elif fmt == "raw" and os.path.isfile(args.image + IOMEM_SIDECAR):
+        spec = args.image + IOMEM_SIDECAR
+    return fmt, None if spec is None else memory_map(spec)
+
+
+def open_from_args(args: argparse.Namespace):
+    """``open_image`` of ``args.image`` as the image options say."""
+    from collector.image.open import open_image
+
+    fmt, ranges = image_source(args)
+    return open_image(args.image, fmt, ranges)
 
 
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
@@ -307,13 +380,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from collector.image.info import image_info
 
-    info = image_info(args.image)
+    info = image_info(args.image, *image_source(args))
     if info["format"] != "collector":
         # Other tools' images carry no blobs: say what was found in memory instead.
         from collector.image.open import open_image
         from collector.kernel.kernel import Kernel
 
-        with open_image(args.image) as memory:
+        with open_image(args.image, *image_source(args)) as memory:
             info["kernel_metadata"] = Kernel(memory).metadata_sources()
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True, default=str))
@@ -329,31 +402,38 @@ VERIFY_EPILOG = """\
 exit status:
   0  intact: every record, chunk and hash checks, and every range the image announces is there
   1  RAM damaged: a chunk, its descriptor, their order or the stream hash does not check
-     (also: the file is no image, or its HEADER cannot be read)
+     (also: the HEADER is there but cannot be decoded)
   2  usage error
   3  incomplete: what is there checks, but RAM the image announced is missing (cut short,
      capture stopped by a signal or a full disk); the reason and the ranges are printed
   4  damaged metadata, RAM intact: a HEADER, blob, END, INDEX or seek-table record is damaged
      but every chunk checks against its descriptor
-The first that applies, in the order 1, 4, 3.
+The first that applies, in the order 1, 4, 3. A file that cannot be opened ends as in
+every command: 5 cannot open, 6 not a memory image, 3 cut inside its HEADER, 7 unsupported
+(LiME, ELF, kdump and raw files carry no checksums to verify).
 """
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from collector.image.open import sniff_file
+    from collector.image.open import FORMAT_NAMES, open_image, sniff_file
     from collector.image.reader import STATUS_WORDS, NativeImage
     from collector.text import escape_text
 
-    kind = sniff_file(args.image)
-    if kind not in ("native", None):
-        raise CollectorError(
-            f"{args.image}: is an {kind.upper()} file, which carries no checksums to verify; "
-            "`collect info` lists its ranges and what is missing"
-            if kind == "elf"
-            else f"{args.image}: is a {'LiME' if kind == 'lime' else kind} file, which carries "
-            "no checksums to verify; `collect info` lists its ranges and what is missing"
+    fmt, ranges = image_source(args)
+    # Opened as every command opens it, so that a file that cannot be read fails alike.
+    memory = open_image(args.image, fmt, ranges)
+    if not isinstance(memory, NativeImage):
+        memory.close()
+        kind = fmt if fmt != "auto" else sniff_file(args.image) or "raw"
+        # An AVML file's snappy chunks carry CRC-32Cs, checked as each chunk is read; none
+        # covers the image as a whole, which is what verify reports on.
+        what = "no whole-image checksums" if kind == "avml" else "no checksums"
+        raise UnsupportedImage(
+            args.image,
+            f"{FORMAT_NAMES[kind]} carries {what} to verify; "
+            "`collect info` lists its ranges and what is missing",
         )
-    with NativeImage(args.image) as img:
+    with memory as img:
         report = img.verify()
         damage = list(img.damage)
     status = report.status
@@ -405,10 +485,9 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
-    from collector.image.open import open_image
     from collector.kernel.kernel import Kernel
 
-    memory = open_image(args.image)
+    memory = open_from_args(args)
     try:
         kernel = Kernel(memory)
         if args.pfn is not None:
@@ -444,13 +523,12 @@ def _address(kernel, text: str) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from collector import outfile, signals
     from collector.image import export
-    from collector.image.open import open_image
 
     if args.to == "raw" and args.output == "-":
         raise CollectorError("a raw (padded) export needs a file it can seek in, not stdout", 2)
     if args.to == "isf":
         return _export_isf(args)
-    memory = open_image(args.image)
+    memory = open_from_args(args)
     try:
         with signals.handled(), outfile.writing(args.output, args.force) as out:
             if args.to == "raw":
@@ -505,12 +583,11 @@ def cmd_drgn(args: argparse.Namespace) -> int:
 
 def _export_isf(args: argparse.Namespace) -> int:
     from collector import outfile, signals
-    from collector.image.open import open_image
     from collector.interop import isf
     from collector.kernel.kernel import Kernel
 
     started = time.monotonic()
-    memory = open_image(args.image)
+    memory = open_from_args(args)
     try:
         result = isf.build_isf(Kernel(memory))
         with signals.handled(), outfile.writing(args.output, args.force) as out:
@@ -563,6 +640,7 @@ def command_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
 
     p = sub.add_parser("info", help="describe an image")
     p.add_argument("image")
+    add_image_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_info)
 
@@ -577,6 +655,7 @@ def command_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("image")
+    add_image_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_verify)
 
@@ -589,6 +668,7 @@ def command_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
         help="walk the page tables for a virtual address (hex, or a kernel symbol name)",
     )
     p.add_argument("image")
+    add_image_options(p)
     p.add_argument("address", nargs="?")
     p.add_argument("--pfn", type=lambda s: int(s, 0), help="translate the struct page of PFN N")
     p.add_argument("--json", action="store_true")
@@ -606,6 +686,7 @@ def command_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
         "its partial file and leaves an existing one as it was.",
     )
     p.add_argument("image")
+    add_image_options(p)
     p.add_argument("--to", choices=["lime", "raw", "elf", "isf"], required=True)
     p.add_argument(
         "-o", "--output", required=True, help="file to create, or - for stdout (not for raw)"

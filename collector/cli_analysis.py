@@ -31,7 +31,12 @@ def register(subparsers: Any) -> None:
         " `collect analyze IMAGE ANALYSIS --help` shows one's options and fields.",
     )
     analyze.add_argument("--format", choices=FORMATS, help="output format (default: table)")
-    analyze.add_argument("image", metavar="IMAGE", help="a .lime.zst, LiME or ELF core image")
+    analyze.add_argument(
+        "image", metavar="IMAGE", help="a .lime.zst, LiME, ELF core or kdump-compressed image"
+    )
+    from collector.cli import add_image_options
+
+    add_image_options(analyze)
     analyze.add_argument("analysis", metavar="ANALYSIS", help="the analysis to run")
     analyze.add_argument(
         "options",
@@ -54,9 +59,18 @@ def register(subparsers: Any) -> None:
 
 def run_analyze(args: argparse.Namespace) -> int:
     """``collect analyze IMAGE ANALYSIS [OPTION...]``: exit 0, or 1 if the records stop early."""
+    from collector.cli import image_source
+
     manager = PluginManager()
     registered = manager.analysis(args.analysis)
     parsed = analysis_parser(registered).parse_args(args.options)
+    image_format, memory_map = image_source(args)
+    # Only what differs from opening by the file's magic is passed on.
+    opening: dict[str, Any] = {}
+    if image_format != "auto":
+        opening["image_format"] = image_format
+    if memory_map is not None:
+        opening["memory_map"] = memory_map
     options = {o.name: getattr(parsed, o.name) for o in registered.analysis.options}
     _tolerant(sys.stdout)
     fmt = parsed.format or args.format or "table"
@@ -66,6 +80,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         options,
         manager=manager,
         consume=lambda r: write_result(sys.stdout, r, fmt),
+        **opening,
     )
     error = result.final_error()
     if error is not None:

@@ -1,4 +1,30 @@
-"""Errors a user can cause: each carries one clear line for the terminal."""
+"""Errors a user can cause: each carries one clear line for the terminal.
+
+Opening an image fails in one of a few ways, each with one message form and one exit status
+shared by every command that opens an image (``info``, ``verify``, ``analyze``, ``translate``,
+``export``); docs/image-format.md has the table:
+
+==========================  =============================================  ======
+kind                        message (after ``collect:``)                   status
+==========================  =============================================  ======
+usage error                 ``COMMAND: error: ...`` (argparse's own line)   2
+cannot open                 ``PATH: cannot open: REASON``                   5
+not an image                ``PATH: not a memory image: WHY``               6
+truncated                   ``PATH: truncated: WHAT ENDS WHERE``            3
+corrupted                   ``PATH: corrupted: WHAT``                       1
+unsupported                 ``PATH: unsupported: WHAT``                     7
+==========================  =============================================  ======
+
+3 and 1 keep the meaning `collect verify` gives them (incomplete; damaged).
+"""
+
+#: Exit statuses of the kinds of failure, by name (see the table above).
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_TRUNCATED = 3
+EXIT_CANNOT_OPEN = 5
+EXIT_NOT_AN_IMAGE = 6
+EXIT_UNSUPPORTED = 7
 
 
 class CollectorError(Exception):
@@ -8,7 +34,7 @@ class CollectorError(Exception):
     :param exit_code: the process exit status (2 for usage errors, 1 otherwise).
     """
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
         super().__init__(message)
         self.exit_code = exit_code
 
@@ -18,11 +44,60 @@ class UsageError(CollectorError):
     option it can only check once it runs, it ends the analysis with that one line."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, exit_code=2)
+        super().__init__(message, exit_code=EXIT_USAGE)
 
 
 class ImageError(CollectorError):
     """An image is truncated, corrupted, hostile or not an image at all."""
+
+
+class _ImageFailure(ImageError):
+    """One kind of failure to open an image: ``PATH: KIND: DETAIL``, with the kind's status."""
+
+    kind = ""
+    status = EXIT_ERROR
+
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__(f"{path}: {self.kind}: {detail}", self.status)
+        self.path = path
+        self.detail = detail
+
+
+class CannotOpenImage(_ImageFailure):
+    """The file is missing, not readable, or not a regular file (a directory, a FIFO...)."""
+
+    kind = "cannot open"
+    status = EXIT_CANNOT_OPEN
+
+
+class NotAnImage(_ImageFailure):
+    """The file is empty or starts with the magic of no format read here."""
+
+    kind = "not a memory image"
+    status = EXIT_NOT_AN_IMAGE
+
+
+class ImageTruncated(_ImageFailure):
+    """The file ends inside the headers a reader needs before it can serve any page."""
+
+    kind = "truncated"
+    status = EXIT_TRUNCATED
+
+
+class ImageCorrupted(_ImageFailure):
+    """The headers are all there but contradict themselves or the file."""
+
+    kind = "corrupted"
+    status = EXIT_ERROR
+
+
+class UnsupportedImage(_ImageFailure):
+    """A known format in a variant not read here (a compression, a header version, a split
+    or flattened dump), or an operation the format cannot support (verifying a format
+    without checksums)."""
+
+    kind = "unsupported"
+    status = EXIT_UNSUPPORTED
 
 
 class NotApplicable(CollectorError):

@@ -27,7 +27,13 @@ from collector.elf import (
     parse_notes,
     parse_program_headers,
 )
-from collector.errors import ImageError
+from collector.errors import (
+    ImageCorrupted,
+    ImageError,
+    ImageTruncated,
+    NotAnImage,
+    UnsupportedImage,
+)
 from collector.image.raw import FileImage, RawFile
 from collector.memory import Fate, PageFate, PageNotCaptured
 
@@ -110,6 +116,18 @@ def _build_map(entries: list[tuple[int, ElfSegment]]) -> tuple[list[_Piece], lis
     return pieces, trimmed
 
 
+def _elf_failure(name: str, size: int, e: ElfError) -> ImageError:
+    """The kind of failure an ELF header or program header table that does not parse is."""
+    text = str(e)
+    if "no ELF magic" in text or "not an ELF core" in text:
+        return NotAnImage(name, text)
+    if "too short" in text or "cut short" in text or "not in the file" in text:
+        return ImageTruncated(name, f"the file ends at byte {size}: {text}")
+    if text.startswith("only "):  # 32-bit or big-endian
+        return UnsupportedImage(name, text)
+    return ImageCorrupted(name, text)
+
+
 class ElfCore(FileImage):
     """A :class:`~collector.memory.PhysicalMemory` over an ELF64 little-endian core file.
 
@@ -161,7 +179,7 @@ class ElfCore(FileImage):
                 raise ElfError(f"not an ELF core file (e_type {header.e_type})")
             phdrs = parse_program_headers(self._file.read_at, header, CORE_LIMITS, self._file.size)
         except ElfError as e:
-            raise ImageError(f"{self._file.name}: {e}") from None
+            raise _elf_failure(self._file.name, self._file.size, e) from None
         self.e_machine = header.e_machine
         for i, ph in enumerate(phdrs):
             if ph.p_type == PT_LOAD:

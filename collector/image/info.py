@@ -35,20 +35,33 @@ def _strings(value: Any) -> list[str] | None:
     return [v for v in value if isinstance(v, str)]
 
 
-def image_info(path: str) -> dict:
-    """Describe an image as a JSON-ready dict (native images in full, others by their ranges)."""
+def image_info(
+    path: str, fmt: str = "auto", memory_map: list[tuple[int, int]] | None = None
+) -> dict:
+    """Describe an image as a JSON-ready dict (native images in full, others by their ranges,
+    and, where the format records them, the pages it does not hold).
+
+    :param fmt: and ``memory_map``: as :func:`collector.image.open.open_image` takes them.
+    """
     from collector.image.open import open_image, sniff_file
 
-    if sniff_file(path) != "native":
-        other = open_image(path)  # says what the file is not, when it is nothing known
+    if (fmt == "auto" and sniff_file(path) != "native") or fmt not in ("auto", "native"):
+        other = open_image(path, fmt, memory_map)  # says what the file is not, if nothing known
         try:
-            return {
+            doc = {
                 "image": path,
                 "format": other.metadata.get("format", type(other).__name__),
                 "ranges": [[s, e] for s, e in other.ranges()],
                 "blobs": [n for n in ("vmcoreinfo",) if other.blob(n) is not None],
                 "problems": list(getattr(other, "problems", [])),
             }
+            fate_runs = getattr(other, "fate_runs", None)
+            if callable(fate_runs):
+                fates: dict[str, int] = {}
+                for run in fate_runs():
+                    fates[run.fate.label] = fates.get(run.fate.label, 0) + run.count
+                doc["pages_not_read_in_image"] = fates
+            return doc
         finally:
             other.close()
     with NativeImage(path) as memory:
@@ -115,6 +128,10 @@ def format_info(info: dict) -> str:
         # Filled in by the caller from the kernel view: where each piece came from.
         for what, source in (info.get("kernel_metadata") or {}).items():
             lines.append(f"{what + ':':<12}{source}")
+        not_read = info.get("pages_not_read_in_image")
+        if not_read is not None:
+            shown = ", ".join(f"{k} {v}" for k, v in not_read.items()) or "none"
+            lines.append(f"not read: {shown} (pages in the ranges the image has no data for)")
         lines += [f"problem:  {p}" for p in info["problems"]]
         return "\n".join(lines)
     host = info.get("host") or {}

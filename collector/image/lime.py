@@ -14,7 +14,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from collector.errors import ImageError
+from collector.errors import (
+    ImageCorrupted,
+    ImageError,
+    ImageTruncated,
+    NotAnImage,
+    UnsupportedImage,
+)
 from collector.image.raw import FileImage, RawFile
 from collector.memory import Fate, PageFate, PageNotCaptured
 
@@ -64,6 +70,16 @@ def write_lime_header(start: int, end_inclusive: int) -> bytes:
     if not 0 <= start <= end_inclusive <= _U64_MAX:
         raise ValueError(f"bad LiME range {start:#x}-{end_inclusive:#x}")
     return LIME_HEADER.pack(LIME_MAGIC, LIME_VERSION, start, end_inclusive, bytes(8))
+
+
+def _first_header_error(name: str, head: bytes, e: _BadHeader) -> ImageError:
+    """The kind of failure a bad first header is: no LiME magic, a version not read here,
+    or a range that makes no sense."""
+    if head[:4] != LIME_MAGIC_BYTES:
+        return NotAnImage(name, f"not a LiME file: {e}")
+    if "version" in str(e):
+        return UnsupportedImage(name, str(e))
+    return ImageCorrupted(name, f"the first LiME range header: {e}")
 
 
 def _parse_header(head: bytes) -> tuple[int, int]:
@@ -177,7 +193,7 @@ class LimeImage(FileImage):
     def _walk(self) -> None:
         name, size = self._file.name, self._file.size
         if size == 0:
-            raise ImageError(f"{name}: empty file, not a LiME image")
+            raise NotAnImage(name, "the file is empty")
         pos = 0
         while pos < size:
             if len(self.lime_ranges) >= MAX_RANGES:
@@ -189,7 +205,9 @@ class LimeImage(FileImage):
             head = self._file.read_at(pos, LIME_HEADER_SIZE)
             if len(head) < LIME_HEADER_SIZE:
                 if pos == 0:
-                    raise ImageError(f"{name}: {size} bytes, too short for a LiME image")
+                    raise ImageTruncated(
+                        name, f"the file ends at byte {size}, inside the first LiME range header"
+                    )
                 self._problem(
                     f"offset {pos:#x}: {len(head)} trailing bytes, too short for a LiME "
                     "range header; ignored"
@@ -199,7 +217,7 @@ class LimeImage(FileImage):
                 start, end = _parse_header(head)
             except _BadHeader as e:
                 if pos == 0:
-                    raise ImageError(f"{name}: not a LiME image: {e}") from None
+                    raise _first_header_error(name, head, e) from None
                 self._problem(f"offset {pos:#x}: {e}; the remaining {size - pos} bytes are ignored")
                 return
             data = pos + LIME_HEADER_SIZE

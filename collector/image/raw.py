@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 from typing import BinaryIO, Self
 
-from collector.errors import ImageError
+from collector.errors import CannotOpenImage, ImageError
 from collector.memory import Fate, PageFate, PageNotCaptured
 
 
@@ -33,23 +33,23 @@ def open_regular(path: str | os.PathLike[str], allow_block: bool = False) -> int
     ``O_NONBLOCK`` keeps the open of a FIFO from waiting for a writer; a character device
     (``/dev/zero``, ``/dev/mem``) or a FIFO has no end to read up to.
 
-    :raises ImageError: one line naming the path and what it is.
+    :raises CannotOpenImage: one line naming the path and why.
     """
     name = os.fsdecode(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except IsADirectoryError:
-        raise ImageError(f"{name}: is a directory, not an image file") from None
+        raise CannotOpenImage(name, "it is a directory, not an image file") from None
     except OSError as e:
-        raise ImageError(f"{name}: cannot open: {e.strerror}") from None
+        raise CannotOpenImage(name, e.strerror or str(e)) from None
     try:
         mode = os.fstat(fd).st_mode
     except OSError as e:
         os.close(fd)
-        raise ImageError(f"{name}: cannot read: {e.strerror}") from None
+        raise CannotOpenImage(name, e.strerror or str(e)) from None
     if not (stat.S_ISREG(mode) or (allow_block and stat.S_ISBLK(mode))):
         os.close(fd)
-        raise ImageError(f"{name}: is {_kind(mode)}, not an image file")
+        raise CannotOpenImage(name, f"it is {_kind(mode)}, not an image file")
     return fd
 
 
@@ -74,7 +74,7 @@ class RawFile:
                 self.size = os.lseek(fd, 0, os.SEEK_END)
             except OSError as e:
                 os.close(fd)
-                raise ImageError(f"{self.name}: cannot read: {e.strerror}") from None
+                raise CannotOpenImage(self.name, e.strerror or str(e)) from None
             self._fd = fd
         else:
             self.name = str(getattr(source, "name", "<file object>"))

@@ -23,7 +23,13 @@ from typing import ParamSpec, TypeVar
 
 import zstandard
 
-from collector.errors import ImageError
+from collector.errors import (
+    ImageCorrupted,
+    ImageError,
+    ImageTruncated,
+    NotAnImage,
+    UnsupportedImage,
+)
 from collector.image import format as fmt
 from collector.image.lime import LIME_HEADER, LIME_HEADER_SIZE, LIME_MAGIC, LIME_VERSION
 from collector.image.raw import open_regular
@@ -149,20 +155,37 @@ class NativeImage:
         self.indexed = False
         self._layout: dict[int, int] = {}  # frame offset -> size, from a seek table that adds up
         head = self._frame_head(0)
-        if head is None or head[0] != fmt.HEADER or fmt.FRAME_HEAD.size + head[1] > self.size:
+        if head is not None and head[0] == fmt.HEADER and head[1] > fmt.MAX_SKIPPABLE_PAYLOAD:
+            raise ImageCorrupted(self.path, f"the HEADER record claims {head[1]} bytes")
+        if head is not None and head[0] == fmt.HEADER and fmt.FRAME_HEAD.size + head[1] > self.size:
+            raise ImageTruncated(
+                self.path,
+                f"the file ends at byte {self.size} inside its HEADER record "
+                f"({fmt.FRAME_HEAD.size + head[1]} bytes)",
+            )
+        if head is None or head[0] != fmt.HEADER:
             if self.size >= 16 and self._read_at(8, 8) == fmt.MAGIC:
-                raise ImageError(
-                    f"{self.path}: the HEADER record is damaged (its frame header is wrong); "
-                    "the records after it cannot be located"
+                raise ImageCorrupted(
+                    self.path,
+                    "the HEADER record's frame header is wrong; "
+                    "the records after it cannot be located",
                 )
-            raise ImageError(f"{self.path}: not a collector image (no header record)")
-        if head[1] > fmt.MAX_SKIPPABLE_PAYLOAD:
-            raise ImageError(f"{self.path}: the HEADER record claims {head[1]} bytes")
+            if self.size < fmt.FRAME_HEAD.size:
+                raise ImageTruncated(
+                    self.path, f"the file ends at byte {self.size}, inside the first frame header"
+                )
+            raise NotAnImage(
+                self.path,
+                "zstd data without a collector HEADER record (a file compressed with zstd: "
+                "`zstd -d` it, then open what that gives)",
+            )
         self._header_size = fmt.FRAME_HEAD.size + head[1]
         try:
             self.header = fmt.Header.decode(self._read_at(8, head[1]), strict=False)
         except ImageError as e:
-            raise ImageError(f"{self.path}: {e}") from None
+            if "not supported" in str(e):
+                raise UnsupportedImage(self.path, str(e)) from None
+            raise ImageCorrupted(self.path, str(e)) from None
         if self.header.damage:
             self.damage.append(self.header.damage)
         self.version = self.header.version
@@ -171,7 +194,7 @@ class NativeImage:
         try:
             self._planned = _planned_ranges(self.metadata.get("ranges", []))
         except ImageError as e:
-            raise ImageError(f"{self.path}: {e}") from None
+            raise ImageCorrupted(self.path, str(e)) from None
         if not self._load_index():
             self._scan()
         self._settle()

@@ -1,4 +1,5 @@
-"""Hostile inputs built from good ones: native images, LiME files and ELF cores, mutated.
+"""Hostile inputs built from good ones: native images, LiME files, ELF cores and
+kdump-compressed dumps, mutated.
 
 Each mutator takes the good file's bytes and a hypothesis ``draw`` and returns new bytes.
 Records of a native image are found through its seek table by hand (the zstd seekable
@@ -13,6 +14,7 @@ import json
 import random
 import re
 import struct
+import tempfile
 import zlib
 from collections.abc import Callable
 from io import BytesIO
@@ -24,6 +26,7 @@ from collector.image.export import export_elf, export_lime
 from collector.image.sparse import SparseMemory
 from collector.image.writer import ImageWriter
 from collector.memory import Fate, FateRun, PageFate
+from collector.testing.kdump import write_kdump
 
 Draw = Callable[[st.SearchStrategy[Any]], Any]
 
@@ -113,6 +116,20 @@ def elf_core() -> bytes:
     out = BytesIO()
     export_elf(SparseMemory(ram()), out, VMCOREINFO, 0xFFFF888000000000)
     return out.getvalue()
+
+
+def kdump_file() -> bytes:
+    """The RAM as makedumpfile would keep it, zlib-compressed; the unreadable page excluded,
+    the partial low page padded with zeros."""
+    pages, ram_pfns = {}, []
+    for start, data in ram().items():
+        ram_pfns.append((start // PAGE, (start + len(data) + PAGE - 1) // PAGE))
+        for off in range(0, len(data), PAGE):
+            if start + off != 0x100000 + PAGE:
+                pages[(start + off) // PAGE] = data[off : off + PAGE].ljust(PAGE, b"\0")
+    with tempfile.NamedTemporaryFile() as f:
+        write_kdump(f.name, pages, ram_pfns, vmcoreinfo=VMCOREINFO)
+        return f.read()
 
 
 # -- native records ---------------------------------------------------------------------------
@@ -349,6 +366,30 @@ def avml_absurd(data: bytes, draw: Draw) -> bytes:
     return bytes(out)
 
 
+def kdump_absurd(data: bytes, draw: Draw) -> bytes:
+    """An extreme value in a field of disk_dump_header, kdump_sub_header or a page_desc."""
+    out = bytearray(data)
+    value = draw(st.sampled_from(ABSURD))
+    # (offset, size): header_version, block_size, sub_hdr_size, bitmap_blocks, max_mapnr;
+    # the sub header's offset_vmcoreinfo, size_vmcoreinfo, offset_note, size_note and
+    # max_mapnr_64; the first page_desc's offset, size and flags (after 1 + 2 + 2 blocks).
+    fields = [(8, 4), (428, 4), (432, 4), (436, 4), (440, 4)]
+    fields += [(PAGE + at, 8) for at in (32, 40, 48, 56, 96)]
+    fields += [(5 * PAGE, 8), (5 * PAGE + 8, 4), (5 * PAGE + 12, 4)]
+    at, size = draw(st.sampled_from(fields))
+    out[at : at + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+    return bytes(out)
+
+
+def kdump_bitmaps(data: bytes, draw: Draw) -> bytes:
+    """Bytes of the bitmaps set or cleared: pages claimed or dropped without descriptors."""
+    out = bytearray(data)
+    at = 3 * PAGE + draw(st.integers(0, 2 * PAGE - 1))  # the two bitmap blocks
+    out[at] = draw(st.sampled_from([0, 0xFF, 0x0F, 0x80]))
+    return bytes(out)
+
+
 LIME_MUTATORS = [flip_bits, truncate, lime_absurd, lime_many_ranges]
 AVML_MUTATORS = [flip_bits, truncate, avml_absurd]
+KDUMP_MUTATORS = [flip_bits, truncate, kdump_absurd, kdump_bitmaps]
 ELF_MUTATORS = [flip_bits, truncate, elf_absurd, elf_many_segments]

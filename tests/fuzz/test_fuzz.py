@@ -156,6 +156,7 @@ def good(kind: str) -> bytes:
         "lime": mutators.lime_file,
         "avml": mutators.avml_file,
         "elf": mutators.elf_core,
+        "kdump": mutators.kdump_file,
     }[kind]()
 
 
@@ -169,8 +170,11 @@ def fuzz_one(
         if kind == "native" and mutate not in mutators.FORGERIES:
             check_native_pages(path)
     # A native image holds at most the RAM written (its chunks cannot grow and pass their
-    # checks); a LiME file or ELF core at most its own size.
+    # checks); a LiME file or ELF core at most its own size; a kdump-compressed dump a page
+    # per bit of its 1st bitmap (excluded pages are exported as zeros).
     held = sum(map(len, mutators.ram().values())) if kind == "native" else len(data)
+    if kind == "kdump":
+        held = len(data) * 8 * mutators.PAGE
     run_commands(path, tmp_path / "out", held=held)
 
 
@@ -202,7 +206,14 @@ def test_hostile_elf_cores(tmp_path: Path, data: st.DataObject) -> None:
     fuzz_one(tmp_path, "elf", mutate, data.draw)
 
 
-@pytest.mark.parametrize("kind", ["native", "lime", "avml", "elf"])
+@fuzz_settings(120)
+@given(st.data())
+def test_hostile_kdump_files(tmp_path: Path, data: st.DataObject) -> None:
+    mutate = data.draw(st.sampled_from(mutators.KDUMP_MUTATORS))
+    fuzz_one(tmp_path, "kdump", mutate, data.draw)
+
+
+@pytest.mark.parametrize("kind", ["native", "lime", "avml", "elf", "kdump"])
 def test_the_good_inputs_pass_every_command(tmp_path: Path, kind: str) -> None:
     path = tmp_path / f"good.{kind}"
     path.write_bytes(good(kind))

@@ -114,8 +114,8 @@ def test_cut_inside_a_header_keeps_earlier_ranges(tmp_path):
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (b"", "empty file"),
-        (b"EMiL\x01\0\0\0", "too short for a LiME image"),
+        (b"", "not a memory image: the file is empty"),
+        (b"EMiL\x01\0\0\0", "truncated: the file ends at byte 8, inside the first LiME"),
         (header(0, 0xFFF, magic=0x12345678) + bytes(0x1000), "bad LiME magic 78 56 34 12"),
         (header(0, 0xFFF, version=2) + bytes(0x1000), "unsupported LiME header version 2"),
         (header(0x2000, 0x1000) + bytes(0x1000), "ends (0x1000) before it starts (0x2000)"),

@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from collector.errors import ImageError
+from collector.errors import ImageError, UsageError
 from collector.image.elfcore import ElfCore
 from collector.image.info import image_info
 from collector.image.lime import LimeImage
@@ -83,10 +83,12 @@ def test_unknown_format_message(tmp_path):
     path.write_bytes(b"MZ\x90\x00rest")
     with pytest.raises(ImageError) as e:
         open_image(path)
-    assert (
-        str(e.value)
-        == f"{path}: not a collector image, LiME file or ELF core (starts with 4d 5a 90 00)"
+    assert str(e.value) == (
+        f"{path}: not a memory image: it starts with 4d 5a 90 00 72 65 73 74, the magic of no "
+        "format read here (collector image, LiME, ELF core, kdump-compressed); a raw memory "
+        "file needs --image-format raw"
     )
+    assert e.value.exit_code == 6
 
 
 def test_empty_and_short_files(tmp_path):
@@ -94,10 +96,10 @@ def test_empty_and_short_files(tmp_path):
     (tmp_path / "short").write_bytes(b"\x7fE")
     with pytest.raises(ImageError) as e:
         open_image(tmp_path / "empty")
-    assert str(e.value).endswith("(starts with nothing: the file is empty)")
+    assert str(e.value) == f"{tmp_path / 'empty'}: not a memory image: the file is empty"
     with pytest.raises(ImageError) as e:
         open_image(tmp_path / "short")
-    assert str(e.value).endswith("(starts with 7f 45)")
+    assert "not a memory image: it starts with 7f 45, the magic of no format" in str(e.value)
 
 
 def test_missing_file_and_directory(tmp_path):
@@ -106,7 +108,8 @@ def test_missing_file_and_directory(tmp_path):
     assert str(e.value) == f"{tmp_path / 'none'}: cannot open: No such file or directory"
     with pytest.raises(ImageError) as e:
         open_image(tmp_path)
-    assert str(e.value) == f"{tmp_path}: is a directory, not an image file"
+    assert str(e.value) == f"{tmp_path}: cannot open: it is a directory, not an image file"
+    assert e.value.exit_code == 5
 
 
 def test_unreadable_file(tmp_path, monkeypatch):
@@ -134,9 +137,9 @@ def test_forced_formats(tmp_path):
     assert isinstance(raw, RawImage)
     assert raw.ranges() == [(0, 0x1800)]
     assert raw.read(0xFFE, 4) == b"\0\0\x42\x42"
-    with pytest.raises(ImageError, match="not a LiME image"):
+    with pytest.raises(ImageError, match="not a memory image: not a LiME file: bad LiME magic"):
         open_image(path, fmt="lime")
-    with pytest.raises(ImageError, match="unknown image format 'vmdk'"):
+    with pytest.raises(UsageError, match="unknown image format 'vmdk'"):
         open_image(path, fmt="vmdk")
 
 
@@ -158,7 +161,7 @@ def test_fifos_and_devices_are_refused_at_once(tmp_path):
     for opener in (open_image, lambda p: open_image(p, fmt="raw"), NativeImage, image_info):
         with pytest.raises(ImageError) as e:
             opener(fifo)
-        assert str(e.value) == f"{fifo}: is a FIFO, not an image file"
+        assert str(e.value) == f"{fifo}: cannot open: it is a FIFO, not an image file"
     with pytest.raises(ImageError) as e:
         open_image("/dev/zero")
-    assert str(e.value) == "/dev/zero: is a character device, not an image file"
+    assert str(e.value) == "/dev/zero: cannot open: it is a character device, not an image file"

@@ -298,7 +298,7 @@ def test_volatility3_reads_the_table_flattening_anonymous_members(built, tmp_pat
 
 def test_cli_writes_json_or_xz(built, tmp_path, monkeypatch, capsys) -> None:
     sk, result = built
-    monkeypatch.setattr("collector.image.open.open_image", lambda path: sk.memory())
+    monkeypatch.setattr("collector.image.open.open_image", lambda path, *_: sk.memory())
     plain, packed = tmp_path / "k.json", tmp_path / "k.json.xz"
     assert main(["export", "image", "--to", "isf", "-o", str(plain)]) == 0
     assert main(["export", "image", "--to", "isf", "-o", str(packed), "--json"]) == 0
@@ -314,7 +314,7 @@ def test_cli_writes_json_or_xz(built, tmp_path, monkeypatch, capsys) -> None:
 def test_no_banner_is_one_clear_error(tmp_path, monkeypatch, capsys) -> None:
     sk = SyntheticKernel(TYPES)
     sk.global_("init_task", "struct task_struct")
-    monkeypatch.setattr("collector.image.open.open_image", lambda path: sk.memory())
+    monkeypatch.setattr("collector.image.open.open_image", lambda path, *_: sk.memory())
     assert main(["export", "image", "--to", "isf", "-o", str(tmp_path / "k.json")]) == 1
     err = capsys.readouterr().err
     assert "no linux_banner" in err and "Traceback" not in err
