@@ -444,6 +444,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.to == "isf":
         return _export_isf(args)
     memory = open_image(args.image)
+    notes: list[str] = []
     try:
         with signals.handled(), outfile.writing(args.output, args.force) as out:
             if args.to == "raw":
@@ -451,11 +452,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             elif args.to == "lime":
                 summary = export.export_lime(memory, out)
             else:
-                summary = export.export_elf(
-                    memory, out, memory.blob("vmcoreinfo"), _page_offset(memory)
-                )
+                summary = export.export_elf(memory, out, **_elf_kernel(memory, notes))
     finally:
         memory.close()
+    notes.extend(summary.notes)
     warning = summary.warning()
     doc = {
         "output": args.output,
@@ -464,7 +464,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         "bytes": summary.bytes,
         "pages_not_captured": {f.label: n for f, n in summary.zero_filled.items()},
         "warning": warning,
+        "notes": notes,
     }
+    if args.to == "elf":
+        doc["kernel_segments"] = summary.kernel_segments
     report = sys.stderr if args.output == "-" else sys.stdout
     if args.json:
         print(json.dumps(doc, indent=2), file=report)
@@ -475,7 +478,36 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     if warning:
         print(f"collect: warning: {warning}", file=sys.stderr)
+    for note in notes:
+        print(f"collect: note: {note}", file=sys.stderr)
     return 0
+
+
+def _elf_kernel(memory, notes: list[str]) -> dict:
+    """What an ELF core of this kernel carries beyond RAM, as /proc/vmcore does: the
+    VMCOREINFO text (blob, else found in memory, as a LiME file needs), the direct map's
+    base for ``p_vaddr``, and the kernel image's own mapping. Each that cannot be worked
+    out is left out, with a note saying why."""
+    from collector.image.export import KernelMap
+    from collector.kernel.kernel import Kernel
+
+    kernel = Kernel(memory)
+    out: dict = {}
+    try:
+        out["vmcoreinfo"] = kernel.vmcoreinfo.text.encode()
+    except CollectorError as e:
+        notes.append(f"no VMCOREINFO note ({e}): drgn and crash will not take it for a kernel core")
+        return out
+    try:
+        out["page_offset_base"] = kernel.layout.page_offset_base
+    except CollectorError as e:
+        notes.append(f"p_vaddr left 0: the direct map's base is unknown ({e})")
+    try:
+        m = kernel.image_map()
+        out["kernel_map"] = KernelMap(m.vaddr, m.paddr, m.size)
+    except CollectorError as e:
+        notes.append(f"no PT_LOAD for the kernel image's virtual addresses: {e}")
+    return out
 
 
 def cmd_drgn(args: argparse.Namespace) -> int:
@@ -533,15 +565,6 @@ def _export_isf(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"collect: note: {note}", file=sys.stderr)
     return 0
-
-
-def _page_offset(memory) -> int | None:
-    try:
-        from collector.kernel.kernel import Kernel
-
-        return Kernel(memory).layout.page_offset_base
-    except CollectorError:
-        return None
 
 
 # -- dispatch -------------------------------------------------------------------------------

@@ -661,6 +661,42 @@ class NativeImage:
             paddr = end
         return bytes(out)
 
+    def stream(self, start: int, end: int) -> Iterator[tuple[int, memoryview]]:
+        """The stored bytes of ``[start, end)`` in order, one chunk at a time: for a single
+        pass over the image (exports), each chunk decompressed once, not copied, not cached.
+
+        Every check of :meth:`read` is made, but pages recorded as not read are served as
+        their DATA frame holds them (zeros, as the writer pads them): the caller zero-fills
+        what :meth:`fate_runs` lists.
+
+        :raises PageNotCaptured: at the first address no chunk holds.
+        """
+        self.fate_runs()  # every DESC read and checked first (a mismatch rebuilds by a scan)
+        i = max(0, bisect.bisect_right(self._starts, start) - 1)
+        addr = start
+        for chunk in itertools.islice(self.chunks, i, None):
+            if addr >= end or chunk.paddr >= end:
+                break
+            if chunk.end <= addr:
+                continue
+            if chunk.paddr > addr:
+                break
+            desc = self._desc(chunk)
+            try:
+                data = self._chunk_data(desc, chunk.data_offset)
+            except ImageError as e:
+                raise ImageError(
+                    f"{self.path}: chunk {chunk.seq} at {chunk.paddr:#x}: {e}"
+                ) from None
+            view = memoryview(data)
+            if desc.has_lime_header:
+                view = view[LIME_HEADER_SIZE:]
+            stop = min(end, chunk.end)
+            yield addr, view[addr - chunk.paddr : stop - chunk.paddr]
+            addr = stop
+        if addr < end:
+            raise PageNotCaptured(addr, self.fate(addr).fate)
+
     @_index_checked
     def blob(self, name: str) -> bytes | None:
         ref = self.blobs.get(name)

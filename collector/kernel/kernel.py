@@ -212,6 +212,20 @@ class Kernel:
         """``"4-level"`` or ``"5-level"``."""
         return self.paging.mode
 
+    def image_map(self) -> Any:
+        """Where the kernel image lies physically and in its own mapping (the kernel-text
+        segment of /proc/vmcore), from the image's iomem ("Kernel code" .. "Kernel bss")
+        or else its page tables; see the profile's ``kernel_image_map``.
+
+        :raises CollectorError: VMCOREINFO is missing or nothing checks.
+        """
+        iomem = self.memory.blob("iomem") or b""
+        text = iomem.decode("ascii", "replace") if iomem else None
+        if text is None:
+            meta = (getattr(self.memory, "metadata", None) or {}).get("iomem")
+            text = meta if isinstance(meta, str) else None
+        return self.profile.kernel_image_map(self.memory, self.vmcoreinfo, self.paging, text)
+
     # -- addresses ---------------------------------------------------------------------------
 
     def translate(self, vaddr: int) -> Any:

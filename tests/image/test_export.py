@@ -14,7 +14,7 @@ from collector.image.elfcore import ElfCore
 from collector.image.export import ExportSummary, export_elf, export_lime, export_raw
 from collector.image.lime import LimeImage
 from collector.image.sparse import SparseMemory
-from collector.memory import Fate, PageFate
+from collector.memory import Fate, PageFate, PageNotCaptured
 
 
 def pattern(n: int, seed: int) -> bytes:
@@ -104,6 +104,26 @@ def parse_elf(data: bytes) -> tuple[int, list[tuple]]:
     ]
 
 
+def parse_notes(data: bytes, off: int, size: int) -> list[tuple[bytes, int, bytes]]:
+    """(name, type, desc) of each note in a PT_NOTE segment, 4-byte aligned."""
+    notes = []
+    end = off + size
+    while off < end:
+        namesz, descsz, type_ = struct.unpack_from("<III", data, off)
+        off += 12
+        name = data[off : off + namesz].rstrip(b"\0")
+        off += (namesz + 3) // 4 * 4
+        notes.append((name, type_, data[off : off + descsz]))
+        off += (descsz + 3) // 4 * 4
+    return notes
+
+
+# The page-fates note of memory(): version 1, page size 4096, then (paddr, pages, fate,
+# errno) for page 0x2000 (unreadable, EIO) and page 0x101000 (excluded).
+FATES_NOTE = struct.pack("<II", 1, 4096) + struct.pack("<QQIi", 0x2000, 1, 1, errno.EIO)
+FATES_NOTE += struct.pack("<QQIi", 0x101000, 1, 4, 0)
+
+
 def test_export_elf_layout_and_round_trip():
     out = io.BytesIO()
     summary = export_elf(memory(), out, vmcoreinfo=VMCOREINFO, page_offset_base=BASE)
@@ -112,11 +132,15 @@ def test_export_elf_layout_and_round_trip():
     phnum, phdrs = parse_elf(data)
     assert phnum == 4
     p_type, _, off, vaddr, paddr, filesz, memsz, _ = phdrs[0]
-    note_size = 12 + 12 + (len(VMCOREINFO) + 3) // 4 * 4
+    note_size = (12 + 12 + (len(VMCOREINFO) + 3) // 4 * 4) + (12 + 12 + len(FATES_NOTE))
     assert (p_type, vaddr, paddr, filesz, memsz) == (4, 0, 0, note_size, note_size)
     # The VMCOREINFO note: namesz 11, descsz, type 0, "VMCOREINFO\0" padded to 12, the text.
     assert data[off : off + 24] == struct.pack("<III", 11, len(VMCOREINFO), 0) + b"VMCOREINFO\0\0"
     assert data[off + 24 : off + 24 + len(VMCOREINFO)] == VMCOREINFO
+    assert parse_notes(data, off, filesz) == [
+        (b"VMCOREINFO", 0, VMCOREINFO),
+        (b"COLLECTOR", 0x434F4C03, FATES_NOTE),
+    ]
     for (p_type, _, off, vaddr, paddr, filesz, memsz, _), start in zip(
         phdrs[1:], EXPECTED, strict=True
     ):
@@ -133,16 +157,34 @@ def test_export_elf_layout_and_round_trip():
     core = ElfCore(io.BytesIO(data))
     assert core.problems == []
     assert core.ranges() == memory().ranges()
-    for start, expected in EXPECTED.items():
-        assert core.read(start, len(expected)) == expected
-        assert core.read_virtual(BASE + start, 16) == expected[:16]
+    assert core.read_virtual(BASE + 0x1000, 16) == P1[:16]
+    # The pages not read come back with their fate, the others with their bytes.
+    for start, data_ in {0x1000: P1, 0x10000: P2, 0x100000: P3}.items():
+        for page in range(start, start + len(data_), 0x1000):
+            want = FATES.get(page)
+            if want is None:
+                n = min(0x1000, start + len(data_) - page)
+                assert core.read(page, n) == data_[page - start : page - start + n]
+                assert core.fate(page) == PageFate(Fate.READ)
+            else:
+                assert core.fate(page) == want
+                with pytest.raises(PageNotCaptured) as e:
+                    core.read(page - 8, 16)
+                assert (e.value.paddr, e.value.fate) == (page, want.fate)
+    assert core.readable_ranges() == [
+        (0x1000, 0x2000), (0x3000, 0x4000), (0x10000, 0x11800), (0x100000, 0x101000)
+    ]  # fmt: skip
     assert core.blob("vmcoreinfo") == VMCOREINFO
     assert core.metadata["direct_map_base"] == BASE
+    # Exported again, the core gives the same file: the fates survive the round trip.
+    again = io.BytesIO()
+    check_summary(export_elf(core, again, vmcoreinfo=VMCOREINFO, page_offset_base=BASE))
+    assert again.getvalue() == data
 
 
 def test_export_elf_without_vmcoreinfo_or_base():
     out = io.BytesIO()
-    export_elf(memory(), out)
+    export_elf(SparseMemory({0x1000: P1, 0x10000: P2, 0x100000: P3}), out)
     phnum, phdrs = parse_elf(out.getvalue())
     assert phnum == 3
     assert [(p[0], p[3], p[4]) for p in phdrs] == [
@@ -230,7 +272,7 @@ class FullDisk(io.RawIOBase):
 def test_write_failure_is_one_line():
     with pytest.raises(CollectorError) as e:
         export_lime(memory(), FullDisk())
-    assert str(e.value) == "out.lime: write failed: No space left on device"
+    assert str(e.value) == "out.lime: write failed at byte 0: No space left on device"
 
 
 def test_raw_export_refuses_addresses_beyond_any_file_offset(tmp_path):
