@@ -284,3 +284,128 @@ def test_raw_export_refuses_addresses_beyond_any_file_offset(tmp_path):
         "memory at 0x8000000000000000-0x800000000000000f lies beyond the largest offset a raw "
         "file can have (2^63 - 1); export it as LiME or ELF instead"
     )
+
+
+class LimitedFile(io.RawIOBase):
+    """A seekable raw file that holds at most ``limit`` bytes, as a file under ``ulimit -f``
+    or on a disk filling up: the write crossing the limit stores what fits and returns that
+    count (short, no error), the next one fails with ``errno_``."""
+
+    def __init__(self, limit: int, errno_: int, name: str = "out.img") -> None:
+        self.limit = limit
+        self.errno_ = errno_
+        self.name = name
+        self.data = bytearray()
+        self.pos = 0
+        self.calls: list[tuple[int, int]] = []  # (asked, written)
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        assert whence == 0
+        self.pos = offset
+        return offset
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self.pos if size is None else size
+        if size > self.limit and self.errno_ == errno.EFBIG:  # ftruncate(2) past RLIMIT_FSIZE
+            raise OSError(self.errno_, os.strerror(self.errno_))
+        self.data[size:] = b""
+        self.data.extend(bytes(size - len(self.data)))
+        return size
+
+    def write(self, b) -> int:
+        n = min(len(b), self.limit - self.pos)
+        if n <= 0:
+            self.calls.append((len(b), -1))
+            raise OSError(self.errno_, os.strerror(self.errno_))
+        end = self.pos + n
+        self.data.extend(bytes(max(0, end - len(self.data))))
+        self.data[self.pos : end] = bytes(b)[:n]
+        self.pos = end
+        self.calls.append((len(b), n))
+        return n
+
+
+def _export(fmt: str, mem, out) -> ExportSummary:
+    if fmt == "lime":
+        return export_lime(mem, out)
+    if fmt == "raw":
+        return export_raw(mem, out)
+    return export_elf(mem, out, vmcoreinfo=VMCOREINFO, page_offset_base=BASE)
+
+
+def _whole(fmt: str) -> bytes:
+    if fmt == "raw":
+        f = LimitedFile(1 << 30, errno.EFBIG)
+        export_raw(memory(), f)
+        return bytes(f.data)
+    out = io.BytesIO()
+    _export(fmt, memory(), out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["lime", "raw", "elf"])
+@pytest.mark.parametrize(
+    ("errno_", "reason"),
+    [(errno.ENOSPC, "No space left on device"), (errno.EFBIG, "File too large")],
+)
+def test_a_short_write_is_finished_and_the_failure_reported(fmt, errno_, reason):
+    whole = _whole(fmt)
+    # Cut 7 bytes before the end of the data: the last write comes back short without an
+    # error; only writing the rest again says why. (A raw file ends with a hole: the
+    # excluded page 0x101000, never written.)
+    limit = (0x101000 if fmt == "raw" else len(whole)) - 7
+    out = LimitedFile(limit, errno_, name=f"out.{fmt}")
+    with pytest.raises(CollectorError) as e:
+        _export(fmt, memory(), out)
+    assert str(e.value) == f"out.{fmt}: write failed at byte {limit}: {reason}"
+    assert bytes(out.data) == whole[:limit]
+    asked, written = out.calls[-2]
+    assert written == asked - 7 and out.calls[-1] == (7, -1)
+
+
+@pytest.mark.parametrize("fmt", ["lime", "raw", "elf"])
+def test_every_cut_point_is_an_error(fmt):
+    whole = _whole(fmt)
+    for limit in sorted({1, 31, 32, 33, 4095, 4096, len(whole) // 2, len(whole) - 1}):
+        out = LimitedFile(limit, errno.EFBIG)
+        at = limit
+        if fmt == "raw":
+            # Holes are not written: the first write past the limit is at the next data,
+            # and a limit inside the final hole stops the truncate that sets the size.
+            at = next((s for s in (0x1000, 0x3000, 0x10000, 0x100000) if s >= limit), 0x101000)
+            at = max(at, limit) if limit < 0x101000 else 0x101000
+        with pytest.raises(CollectorError, match=f"write failed at byte {at}: File too large"):
+            _export(fmt, memory(), out)
+    out = LimitedFile(len(whole), errno.EFBIG)
+    _export(fmt, memory(), out)  # exactly enough room: no error
+    assert bytes(out.data) == whole
+
+
+class SilentSink(io.RawIOBase):
+    """A stream that takes nothing and says so only by returning 0, or None."""
+
+    name = "sink"
+
+    def __init__(self, answer: int | None) -> None:
+        self.answer = answer
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int | None:
+        return self.answer
+
+
+@pytest.mark.parametrize(("answer", "what"), [(0, "wrote nothing"), (None, "would block")])
+def test_a_stream_that_takes_nothing_is_an_error(answer, what):
+    with pytest.raises(CollectorError) as e:
+        export_lime(memory(), SilentSink(answer))
+    assert str(e.value) == (
+        f"sink: write failed at byte 0: the output {what} (32 bytes left to write)"
+    )
