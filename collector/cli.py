@@ -539,7 +539,11 @@ def _export_isf(args: argparse.Namespace) -> int:
     try:
         result = isf.build_isf(Kernel(memory))
         with signals.handled(), outfile.writing(args.output, args.force) as out:
-            size = isf.write_isf(result, out, xz=args.output.endswith(".xz"))
+            sink = outfile.CheckedWriter(out)
+            try:
+                size = isf.write_isf(result, sink, xz=args.output.endswith(".xz"))  # type: ignore[arg-type]
+            except OSError as e:
+                raise sink.error(e) from None
     finally:
         memory.close()
     counts = result.counts()

@@ -185,3 +185,24 @@ def test_errno_names_are_the_systems():
     # The lines above spell the reasons as strerror() does here.
     assert os.strerror(errno.EFBIG) == "File too large"
     assert os.strerror(errno.ENOSPC) == "No space left on device"
+
+
+def test_an_isf_export_checks_its_write_too(tmp_path, monkeypatch, capsys):
+    from tests.interop.test_isf import synthetic
+
+    sk = synthetic()
+    monkeypatch.setattr("collector.image.open.open_image", lambda path: sk.memory())
+    out = tmp_path / "k.json"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # In this process: Python ignores SIGXFSZ, so the table's one large write comes back
+    # short at the limit and the rest fails with EFBIG.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (5000, hard))
+    try:
+        status = main(["export", "image", "--to", "isf", "-o", str(out)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert status == 1
+    assert one_line(capsys.readouterr().err) == (
+        f"collect: {out}: write failed at byte 5000: File too large; the partial file was removed"
+    )
+    assert list(tmp_path.iterdir()) == []

@@ -12,7 +12,6 @@ hole. Data is streamed in bounded chunks; memory use does not grow with the size
 from __future__ import annotations
 
 import bisect
-import errno
 import itertools
 import os
 from collections.abc import Iterator
@@ -40,9 +39,10 @@ from collector.elf import (
     Elf64_Phdr,
     Elf64_Shdr,
 )
-from collector.errors import CollectorError, ImageError
+from collector.errors import ImageError
 from collector.image.lime import write_lime_header
 from collector.memory import Fate, PageNotCaptured, PhysicalMemory
+from collector.outfile import CheckedWriter
 
 DEFAULT_CHUNK = 1 << 20
 _U64 = 1 << 64
@@ -255,44 +255,6 @@ def _pieces(
             yield pos, view[pos - addr :], stop - pos
 
 
-class _Sink:
-    """The output of an export: every write checked, short writes finished or refused.
-
-    A raw file object may write fewer bytes than asked (a file reaching ``ulimit -f`` with
-    SIGXFSZ ignored, as Python does; a disk filling up) and only says so by its return value;
-    the rest is written again, which then fails with the reason (EFBIG, ENOSPC). A stream
-    that takes nothing, or returns no count, is an error too, so an export is never
-    reported written when its file is short.
-    """
-
-    def __init__(self, out: BinaryIO) -> None:
-        self.out = out
-        self.name = getattr(out, "name", "output")
-        #: The file offset the next write goes to (bytes written, for a stream).
-        self.offset = 0
-
-    def write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            n = self.out.write(view)
-            if n is None or n <= 0:
-                what = "would block" if n is None else "wrote nothing"
-                raise OSError(errno.EIO, f"the output {what} ({len(view)} bytes left to write)")
-            self.offset += n
-            view = view[n:]
-
-    def seek(self, offset: int) -> None:
-        self.out.seek(offset)
-        self.offset = offset
-
-    def truncate(self, size: int) -> None:
-        self.out.truncate(size)
-
-    def error(self, e: OSError) -> CollectorError:
-        """The one line for a failed write: the output, where it stopped and why."""
-        return CollectorError(f"{self.name}: write failed at byte {self.offset}: {e.strerror or e}")
-
-
 def export_lime(
     memory: PhysicalMemory, out_fileobj: BinaryIO, chunk_size: int = DEFAULT_CHUNK
 ) -> ExportSummary:
@@ -300,7 +262,7 @@ def export_lime(
     summary = ExportSummary()
     spans = _checked_ranges(memory, summary)
     runs = _not_read(memory, spans)
-    sink = _Sink(out_fileobj)
+    sink = CheckedWriter(out_fileobj)
     zeros = _Zeros(memory, chunk_size)
     try:
         for start, end in spans:
@@ -320,7 +282,7 @@ class _Zeros:
     def __init__(self, memory: PhysicalMemory, chunk_size: int) -> None:
         self.buf = memoryview(bytes(max(chunk_size, memory.page_size, 1 << 16)))
 
-    def write(self, sink: _Sink, length: int) -> None:
+    def write(self, sink: CheckedWriter, length: int) -> None:
         while length > 0:
             n = min(length, len(self.buf))
             sink.write(self.buf[:n])
@@ -350,7 +312,7 @@ def export_raw(
             "a raw file can have (2^63 - 1); export it as LiME or ELF instead"
         )
     runs = _not_read(memory, spans)
-    sink = _Sink(out)
+    sink = CheckedWriter(out)
     try:
         file_end = 0
         for start, end in spans:
@@ -527,7 +489,7 @@ def export_elf(
     # With PN_XNUM, section header 0 (SHT_NULL) carries the real count in sh_info.
     shdr = Elf64_Shdr.pack(0, 0, 0, 0, 0, 0, 0, phnum, 0, 0) if xnum else b""
 
-    sink = _Sink(out_fileobj)
+    sink = CheckedWriter(out_fileobj)
     zeros = _Zeros(memory, chunk_size)
     try:
         sink.write(ehdr + b"".join(phdrs) + shdr)
