@@ -16,8 +16,10 @@ import functools
 import hashlib
 import itertools
 import os
-from collections import OrderedDict
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
@@ -30,6 +32,8 @@ from collector.image.raw import open_regular
 from collector.memory import Fate, FateRun, PageFate, PageNotCaptured
 
 _CACHE_CHUNKS = 8
+#: Threads that decompress ahead of :meth:`NativeImage.stream`'s caller.
+STREAM_WORKERS = 2
 #: zstd's largest block (128 KiB) means a DATA frame of a 64 MiB chunk has about 512 blocks.
 _MAX_BLOCKS = 1 << 10
 _ZSTD_MAX_BLOCK = 128 << 10
@@ -515,7 +519,9 @@ class NativeImage:
             chunk.desc = desc
         return chunk.desc
 
-    def _chunk_data(self, desc: fmt.Desc, data_offset: int) -> bytes:
+    def _chunk_data(
+        self, desc: fmt.Desc, data_offset: int, dctx: zstandard.ZstdDecompressor | None = None
+    ) -> bytes:
         """The DATA frame after ``desc``, checked against it: CRC (version 2), declared and
         real sizes, zstd's checksum, and the LiME header's address. The LiME header is kept.
 
@@ -524,7 +530,7 @@ class NativeImage:
         frame = self._read_at(data_offset, desc.data_size)
         if desc.data_hash is not None and fmt.data_hash(frame) != desc.data_hash:
             raise ImageError("its DATA frame does not match the hash its DESC records")
-        data = self._decompress(frame, desc.stream_bytes)
+        data = self._decompress(frame, desc.stream_bytes, dctx)
         if desc.has_lime_header:
             magic, version, start, end, _ = LIME_HEADER.unpack_from(data)
             if (magic, version) != (LIME_MAGIC, LIME_VERSION) or start != desc.paddr:
@@ -533,7 +539,9 @@ class NativeImage:
                 raise ImageError("its LiME header's range ends inside the chunk")
         return data
 
-    def _decompress(self, frame: bytes, expected: int) -> bytes:
+    def _decompress(
+        self, frame: bytes, expected: int, dctx: zstandard.ZstdDecompressor | None = None
+    ) -> bytes:
         """Decompress one frame that must hold ``expected`` bytes, refusing before allocating
         anything when its header claims another size."""
         try:
@@ -541,7 +549,7 @@ class NativeImage:
             if claimed != expected:
                 shown = "no size" if claimed < 0 else f"{claimed} bytes"
                 raise ImageError(f"its frame header claims {shown}, not {expected}")
-            data = self._dctx.decompress(frame, max_output_size=expected)
+            data = (dctx or self._dctx).decompress(frame, max_output_size=expected)
         except zstandard.ZstdError as e:
             raise ImageError(f"corrupt zstd frame: {e}") from None
         if len(data) != expected:
@@ -661,39 +669,67 @@ class NativeImage:
             paddr = end
         return bytes(out)
 
-    def stream(self, start: int, end: int) -> Iterator[tuple[int, memoryview]]:
+    def stream(
+        self, start: int, end: int, workers: int = STREAM_WORKERS
+    ) -> Iterator[tuple[int, memoryview]]:
         """The stored bytes of ``[start, end)`` in order, one chunk at a time: for a single
         pass over the image (exports), each chunk decompressed once, not copied, not cached.
 
         Every check of :meth:`read` is made, but pages recorded as not read are served as
         their DATA frame holds them (zeros, as the writer pads them): the caller zero-fills
-        what :meth:`fate_runs` lists.
+        what :meth:`fate_runs` lists. ``workers`` threads read and decompress the chunks
+        ahead of the caller (python-zstandard lets go of the GIL while it decompresses), at
+        most ``workers + 1`` chunks at a time; 0 does it all in the calling thread.
 
         :raises PageNotCaptured: at the first address no chunk holds.
         """
         self.fate_runs()  # every DESC read and checked first (a mismatch rebuilds by a scan)
-        i = max(0, bisect.bisect_right(self._starts, start) - 1)
+        todo: list[tuple[ChunkRef, int, int]] = []
         addr = start
-        for chunk in itertools.islice(self.chunks, i, None):
-            if addr >= end or chunk.paddr >= end:
+        for chunk in itertools.islice(
+            self.chunks, max(0, bisect.bisect_right(self._starts, start) - 1), None
+        ):
+            if addr >= end or chunk.paddr > addr:
                 break
-            if chunk.end <= addr:
-                continue
-            if chunk.paddr > addr:
-                break
+            if chunk.end > addr:
+                todo.append((chunk, addr, min(end, chunk.end)))
+                addr = min(end, chunk.end)
+        local = threading.local()
+
+        def load(chunk: ChunkRef) -> memoryview:
+            dctx = getattr(local, "dctx", None)
+            if dctx is None:
+                dctx = local.dctx = zstandard.ZstdDecompressor()
             desc = self._desc(chunk)
             try:
-                data = self._chunk_data(desc, chunk.data_offset)
+                data = self._chunk_data(desc, chunk.data_offset, dctx)
             except ImageError as e:
                 raise ImageError(
                     f"{self.path}: chunk {chunk.seq} at {chunk.paddr:#x}: {e}"
                 ) from None
             view = memoryview(data)
-            if desc.has_lime_header:
-                view = view[LIME_HEADER_SIZE:]
-            stop = min(end, chunk.end)
-            yield addr, view[addr - chunk.paddr : stop - chunk.paddr]
-            addr = stop
+            return view[LIME_HEADER_SIZE:] if desc.has_lime_header else view
+
+        if workers <= 0:
+            for chunk, lo, hi in todo:
+                yield lo, load(chunk)[lo - chunk.paddr : hi - chunk.paddr]
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="stream") as pool:
+                ahead: deque[tuple[ChunkRef, int, int, Future[memoryview]]] = deque()
+                pending = iter(todo)
+                try:
+                    for chunk, lo, hi in itertools.islice(pending, workers + 1):
+                        ahead.append((chunk, lo, hi, pool.submit(load, chunk)))
+                    while ahead:
+                        chunk, lo, hi, future = ahead.popleft()
+                        view = future.result()
+                        for nxt in itertools.islice(pending, 1):
+                            ahead.append((*nxt, pool.submit(load, nxt[0])))
+                        yield lo, view[lo - chunk.paddr : hi - chunk.paddr]
+                        del view
+                finally:
+                    for *_, future in ahead:
+                        future.cancel()
         if addr < end:
             raise PageNotCaptured(addr, self.fate(addr).fate)
 
