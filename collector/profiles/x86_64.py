@@ -503,6 +503,11 @@ def kernel_image_map(
     spans = [(int(a, 16), int(b, 16) + 1) for a, b in _IOMEM_KERNEL.findall(iomem or "")]
     if spans:
         lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
+        if hi - lo > KERNEL_IMAGE_SIZE:
+            raise ImageError(
+                f"iomem's Kernel code .. bss lines span {hi - lo:#x} bytes, more than the "
+                f"{KERNEL_IMAGE_SIZE:#x} the kernel image mapping holds"
+            )
         vaddr = (lo + delta) & _U64
         try:
             first = paging.translate(vaddr).paddr
@@ -521,11 +526,14 @@ def kernel_image_map(
     while vaddr < START_KERNEL_MAP + KERNEL_IMAGE_SIZE:
         try:
             t = paging.translate(vaddr)
-        except PageNotPresent as exc:
-            vaddr += _SPAN[exc.level] - vaddr % _SPAN[exc.level]
+        except TranslationError as exc:  # not present (or a reserved bit) at exc.level
+            span = _SPAN.get(exc.level, _SPAN["PD"])
+            vaddr += span - vaddr % span
             continue
         except (ImageError, PageNotCaptured):
-            vaddr += PAGE_SIZE
+            # A table page the image lacks: skip what a page-table page maps at least,
+            # so a kernel whose tables are gone costs 512 steps, not 262144.
+            vaddr += _SPAN["PD"] - vaddr % _SPAN["PD"]
             continue
         step = t.page_size - vaddr % t.page_size
         if (t.paddr + delta) & _U64 == vaddr:

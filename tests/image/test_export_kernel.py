@@ -184,3 +184,22 @@ def test_elf_export_carries_btf_kallsyms_and_fates_as_collector_notes():
     )
     core = ElfCore(io.BytesIO(out.getvalue()))
     assert Kernel(core).btf is not None and core.blob("btf") == sk.btf
+
+
+def test_a_kernel_whose_page_tables_are_gone_costs_a_bounded_walk(monkeypatch):
+    from collector.kernel.vmcoreinfo import VmcoreInfo
+    from collector.profiles import x86_64
+
+    # A PML4 whose kernel entry (511) points at a PDPT page the image does not hold: every
+    # translation in the kernel image mapping fails on reading it.
+    pml4 = bytearray(4096)
+    pml4[511 * 8 : 512 * 8] = struct.pack("<Q", 0x200000 | 0x63)
+    memory = SparseMemory({0x100000: bytes(pml4)})
+    info = VmcoreInfo.parse("OSRELEASE=6.1\nPAGESIZE=4096\nNUMBER(phys_base)=0\n")
+    paging = x86_64.X86_64Paging(memory, 0x100000, 4)
+    calls = []
+    real = paging.translate
+    monkeypatch.setattr(paging, "translate", lambda v: calls.append(v) or real(v))
+    with pytest.raises(ImageError, match="nothing in the kernel image mapping"):
+        x86_64.kernel_image_map(memory, info, paging, None)
+    assert len(calls) == (1 << 30) // TWO_MIB  # one per 2 MiB, not one per 4 KiB page
