@@ -1,17 +1,21 @@
 """`collect export` against `zstd -dc` of the same image, in one run: times, ratios, peak RSS.
 
 A native image's DATA frames decompress to a LiME file, so `zstd -dc` is the floor of a LiME
-export: the same decompression and the same bytes written. Each command runs as a child
-process, several times; the best wall time of each is printed with its ratio to the
-baseline writing to the same place, and the peak RSS of the children (getrusage).
+export: the same decompression and the same bytes written. Each command runs under GNU
+time (/usr/bin/time: the getrusage of its children), the commands taking turns, several
+rounds; printed for each are its best wall time, its best CPU time (user + system: less
+disturbed by other work on a shared machine than the wall time), both as ratios to
+`zstd -dc` writing to the same place, and its peak RSS. GNU time's wall time has 10 ms
+steps.
 
-    python bench/export.py [IMAGE] [--runs 3] [--dir DIR]
+    python bench/export.py [IMAGE] [--runs 5] [--dir DIR] [--code TREE]
 
 IMAGE defaults to /work/images/6.12/image.lime.zst. Outputs go to a temporary directory
-in DIR (default: the system's temporary directory) and are removed. Exports to a file
-include their fsync (an export is put in place only once it is on disk); `zstd -dc > FILE`
-does not sync, so the table also shows `zstd -dc > FILE && sync FILE`. Prints figures;
-never pass/fail.
+in DIR (default: the system's temporary directory) and are removed. An export to a file
+ends with an fsync (it is put in place only once it is on disk), which `zstd -dc > FILE`
+does not do: its baseline is `zstd -dc > FILE && sync FILE`. `--code` runs another source
+tree (e.g. a checkout of an older commit) for before/after figures. Prints figures; never
+pass/fail.
 """
 
 from __future__ import annotations
@@ -22,25 +26,28 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE = "/work/images/6.12/image.lime.zst"
 
 
-def run(cmd: str, env: dict) -> tuple[float, int]:
-    """Wall seconds and peak RSS (KiB) of one shell command run as a child."""
-    # ru_maxrss of RUSAGE_CHILDREN is the largest of all children waited for so far: run
-    # each command under its own intermediate process so the figure is this command's.
-    probe = (
-        "import resource, subprocess, sys, time; t = time.monotonic(); "
-        "subprocess.run(sys.argv[1], shell=True, check=True, stdout=subprocess.DEVNULL); "
-        "print(time.monotonic() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", probe, cmd], env=env, capture_output=True, text=True, check=True
-    ).stdout.split()
-    return float(out[0]), int(out[1])
+def run(cmd: str, env: dict, report: str, cwd: str) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds and peak RSS (KiB) of one shell command.
+
+    GNU time runs it and reports the wait4() rusage of the shell, which holds its own and
+    its children's. A child spawned straight from Python would count Python's own resident
+    memory as its peak (Linux keeps the peak of the address space a process leaves at
+    exec()); time is a small program.
+    """
+    status = subprocess.run(
+        ["/usr/bin/time", "-o", report, "-f", "%e %U %S %M", "sh", "-c", cmd], env=env, cwd=cwd
+    ).returncode
+    if status:
+        raise SystemExit(f"failed ({status}): {cmd}")
+    wall, user, system, rss = Path(report).read_text().split()
+    return float(wall), float(user) + float(system), int(rss)
 
 
 def main() -> None:
@@ -48,45 +55,54 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("image", nargs="?", default=DEFAULT_IMAGE)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--dir", default=None)
     ap.add_argument(
         "--code", default=str(ROOT), help="the collector source tree to run (default: this one)"
     )
     args = ap.parse_args()
     image = shlex.quote(os.path.abspath(args.image))
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(args.code))
+    # `python -m` puts the working directory first on sys.path: run in the tree measured.
+    code = os.path.abspath(args.code)
+    env = dict(os.environ, PYTHONPATH=code)
     collect = f"{shlex.quote(sys.executable)} -m collector export {image}"
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        out = shlex.quote(os.path.join(tmp, "out"))
+        path = os.path.join(tmp, "out")
+        out = shlex.quote(path)
+        # (name, command, index of its baseline)
         cases = [
-            ("zstd -dc > /dev/null", f"zstd -qdc {image} > /dev/null", None),
-            ("zstd -dc > FILE", f"zstd -qdc {image} > {out}", None),
-            ("zstd -dc > FILE && sync FILE", f"zstd -qdc {image} > {out} && sync {out}", None),
+            ("zstd -dc > /dev/null", f"zstd -qdc {image} > /dev/null", 0),
+            ("zstd -dc > FILE && sync FILE", f"zstd -qdc {image} > {out} && sync {out}", 1),
+            ("export --to lime -o - > /dev/null", f"{collect} --to lime -o - > /dev/null", 0),
+            ("export --to elf -o - > /dev/null", f"{collect} --to elf -o - > /dev/null", 0),
         ]
-        for fmt in ("lime", "elf"):
-            cases.append(
-                (f"export --to {fmt} -o - > /dev/null", f"{collect} --to {fmt} -o - > /dev/null", 0)
-            )
         for fmt in ("lime", "raw", "elf"):
-            cases.append((f"export --to {fmt} -o FILE", f"{collect} --to {fmt} -o {out}", 1))
-        results = []
-        for name, cmd, _base in cases:
-            best, rss = float("inf"), 0
-            for _ in range(args.runs):
-                if os.path.exists(os.path.join(tmp, "out")):
-                    os.unlink(os.path.join(tmp, "out"))
-                seconds, peak = run(cmd + " 2>/dev/null", env)
-                best, rss = min(best, seconds), max(rss, peak)
-            results.append((name, best, rss))
+            cases.append(
+                (f"export --to {fmt} -o FILE", f"{collect} --to {fmt} -o {out} >/dev/null", 1)
+            )
+        walls: list[list[float]] = [[] for _ in cases]
+        cpus: list[list[float]] = [[] for _ in cases]
+        rss = [0] * len(cases)
+        for _ in range(args.runs):
+            for i, (_, cmd, _) in enumerate(cases):  # in turns: slow spells hit every command
+                if os.path.exists(path):
+                    os.unlink(path)
+                wall, cpu, peak = run(cmd + " 2>/dev/null", env, os.path.join(tmp, "time"), code)
+                walls[i].append(wall)
+                cpus[i].append(cpu)
+                rss[i] = max(rss[i], peak)
+        size = os.path.getsize(args.image) / 2**20
+        print(f"image: {args.image} ({size:.1f} MiB), code: {args.code}, {time.ctime()}")
+        print(f"best of {args.runs} runs; ratios to the zstd line writing to the same place")
         print(
-            f"image: {args.image} ({os.path.getsize(args.image) / 2**20:.1f} MiB), code: {args.code}"
+            f"{'command':<36} {'wall s':>7} {'ratio':>6} {'cpu s':>7} {'ratio':>6} {'peak RSS':>10}"
         )
-        print(f"best of {args.runs} runs; ratio to zstd writing to the same place")
-        print(f"{'command':<36} {'seconds':>8} {'ratio':>7} {'peak RSS':>10}")
-        for (name, seconds, rss), (_, _, base) in zip(results, cases, strict=True):
-            ref = results[base][1] if base is not None else results[0][1]
-            print(f"{name:<36} {seconds:8.3f} {seconds / ref:6.2f}x {rss / 1024:8.1f} MiB")
+        for i, (name, _, base) in enumerate(cases):
+            wall, cpu = min(walls[i]), min(cpus[i])
+            print(
+                f"{name:<36} {wall:7.3f} {wall / min(walls[base]):5.2f}x {cpu:7.3f} "
+                f"{cpu / min(cpus[base]):5.2f}x {rss[i] / 1024:7.1f} MiB"
+            )
 
 
 if __name__ == "__main__":

@@ -574,7 +574,14 @@ def _export_isf(args: argparse.Namespace) -> int:
 # -- dispatch -------------------------------------------------------------------------------
 
 
-def command_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
+#: The subcommands collector.cli_analysis adds. Importing it loads the plugin machinery (a
+#: third of the start-up time of an export): other commands build their parser without it.
+ANALYSIS_COMMANDS = ("analyze", "plugins")
+
+
+def command_parser(
+    with_analysis: bool = True,
+) -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     top = argparse.ArgumentParser(prog="collect")
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("plan", help="print the per-range plan without reading RAM")
@@ -659,16 +666,17 @@ def command_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     )
     p.set_defaults(handler=cmd_drgn)
 
-    from collector import cli_analysis
+    if with_analysis:
+        from collector import cli_analysis
 
-    cli_analysis.register(sub)
+        cli_analysis.register(sub)
     return top, {name: parser for name, parser in sub.choices.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        top, commands = command_parser()
+        top, commands = command_parser(with_analysis=bool(argv) and argv[0] in ANALYSIS_COMMANDS)
         if argv and argv[0] in commands:
             args = top.parse_args(argv)
             return args.handler(args)

@@ -16,10 +16,8 @@ import functools
 import hashlib
 import itertools
 import os
-import threading
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
@@ -32,8 +30,9 @@ from collector.image.raw import open_regular
 from collector.memory import Fate, FateRun, PageFate, PageNotCaptured
 
 _CACHE_CHUNKS = 8
-#: Threads that decompress ahead of :meth:`NativeImage.stream`'s caller.
-STREAM_WORKERS = 2
+#: The buffer :meth:`NativeImage.stream` decompresses into: small enough to stay in the CPU's
+#: cache between decompressing and writing (zstd's own output buffer is 128 KiB).
+STREAM_BUFFER = 128 << 10
 #: zstd's largest block (128 KiB) means a DATA frame of a 64 MiB chunk has about 512 blocks.
 _MAX_BLOCKS = 1 << 10
 _ZSTD_MAX_BLOCK = 128 << 10
@@ -519,9 +518,7 @@ class NativeImage:
             chunk.desc = desc
         return chunk.desc
 
-    def _chunk_data(
-        self, desc: fmt.Desc, data_offset: int, dctx: zstandard.ZstdDecompressor | None = None
-    ) -> bytes:
+    def _chunk_data(self, desc: fmt.Desc, data_offset: int) -> bytes:
         """The DATA frame after ``desc``, checked against it: CRC (version 2), declared and
         real sizes, zstd's checksum, and the LiME header's address. The LiME header is kept.
 
@@ -530,7 +527,7 @@ class NativeImage:
         frame = self._read_at(data_offset, desc.data_size)
         if desc.data_hash is not None and fmt.data_hash(frame) != desc.data_hash:
             raise ImageError("its DATA frame does not match the hash its DESC records")
-        data = self._decompress(frame, desc.stream_bytes, dctx)
+        data = self._decompress(frame, desc.stream_bytes)
         if desc.has_lime_header:
             magic, version, start, end, _ = LIME_HEADER.unpack_from(data)
             if (magic, version) != (LIME_MAGIC, LIME_VERSION) or start != desc.paddr:
@@ -539,9 +536,7 @@ class NativeImage:
                 raise ImageError("its LiME header's range ends inside the chunk")
         return data
 
-    def _decompress(
-        self, frame: bytes, expected: int, dctx: zstandard.ZstdDecompressor | None = None
-    ) -> bytes:
+    def _decompress(self, frame: bytes, expected: int) -> bytes:
         """Decompress one frame that must hold ``expected`` bytes, refusing before allocating
         anything when its header claims another size."""
         try:
@@ -549,7 +544,7 @@ class NativeImage:
             if claimed != expected:
                 shown = "no size" if claimed < 0 else f"{claimed} bytes"
                 raise ImageError(f"its frame header claims {shown}, not {expected}")
-            data = (dctx or self._dctx).decompress(frame, max_output_size=expected)
+            data = self._dctx.decompress(frame, max_output_size=expected)
         except zstandard.ZstdError as e:
             raise ImageError(f"corrupt zstd frame: {e}") from None
         if len(data) != expected:
@@ -669,69 +664,81 @@ class NativeImage:
             paddr = end
         return bytes(out)
 
-    def stream(
-        self, start: int, end: int, workers: int = STREAM_WORKERS
-    ) -> Iterator[tuple[int, memoryview]]:
-        """The stored bytes of ``[start, end)`` in order, one chunk at a time: for a single
-        pass over the image (exports), each chunk decompressed once, not copied, not cached.
+    def stream(self, start: int, end: int) -> Iterator[tuple[int, memoryview]]:
+        """The stored bytes of ``[start, end)`` in order, for one pass over the image
+        (exports): each chunk decompressed once, a piece at a time, into one small buffer
+        that is reused, so the bytes are still in the CPU's cache when the caller writes
+        them, as with ``zstd -dc``. Each view is valid until the next one is taken.
 
-        Every check of :meth:`read` is made, but pages recorded as not read are served as
-        their DATA frame holds them (zeros, as the writer pads them): the caller zero-fills
-        what :meth:`fate_runs` lists. ``workers`` threads read and decompress the chunks
-        ahead of the caller (python-zstandard lets go of the GIL while it decompresses), at
-        most ``workers + 1`` chunks at a time; 0 does it all in the calling thread.
+        A chunk is checked as :meth:`read` checks it before any of its bytes is given
+        out (its DESC, its DATA frame's hash, the size its frame header claims, its LiME
+        header); zstd's content checksum and the decompressed size are checked at the end
+        of the frame. Pages recorded as not read are served as their DATA frame holds them
+        (zeros, as the writer pads them): the caller zero-fills what :meth:`fate_runs` lists.
 
         :raises PageNotCaptured: at the first address no chunk holds.
+        :raises ImageError: a chunk that does not check.
         """
         self.fate_runs()  # every DESC read and checked first (a mismatch rebuilds by a scan)
-        todo: list[tuple[ChunkRef, int, int]] = []
+        buf = memoryview(bytearray(STREAM_BUFFER))
         addr = start
         for chunk in itertools.islice(
             self.chunks, max(0, bisect.bisect_right(self._starts, start) - 1), None
         ):
             if addr >= end or chunk.paddr > addr:
                 break
-            if chunk.end > addr:
-                todo.append((chunk, addr, min(end, chunk.end)))
-                addr = min(end, chunk.end)
-        local = threading.local()
-
-        def load(chunk: ChunkRef) -> memoryview:
-            dctx = getattr(local, "dctx", None)
-            if dctx is None:
-                dctx = local.dctx = zstandard.ZstdDecompressor()
-            desc = self._desc(chunk)
+            if chunk.end <= addr:
+                continue
+            stop = min(end, chunk.end)
             try:
-                data = self._chunk_data(desc, chunk.data_offset, dctx)
+                yield from self._stream_chunk(chunk, addr, stop, buf)
             except ImageError as e:
                 raise ImageError(
                     f"{self.path}: chunk {chunk.seq} at {chunk.paddr:#x}: {e}"
                 ) from None
-            view = memoryview(data)
-            return view[LIME_HEADER_SIZE:] if desc.has_lime_header else view
-
-        if workers <= 0:
-            for chunk, lo, hi in todo:
-                yield lo, load(chunk)[lo - chunk.paddr : hi - chunk.paddr]
-        else:
-            with ThreadPoolExecutor(workers, thread_name_prefix="stream") as pool:
-                ahead: deque[tuple[ChunkRef, int, int, Future[memoryview]]] = deque()
-                pending = iter(todo)
-                try:
-                    for chunk, lo, hi in itertools.islice(pending, workers + 1):
-                        ahead.append((chunk, lo, hi, pool.submit(load, chunk)))
-                    while ahead:
-                        chunk, lo, hi, future = ahead.popleft()
-                        view = future.result()
-                        for nxt in itertools.islice(pending, 1):
-                            ahead.append((*nxt, pool.submit(load, nxt[0])))
-                        yield lo, view[lo - chunk.paddr : hi - chunk.paddr]
-                        del view
-                finally:
-                    for *_, future in ahead:
-                        future.cancel()
+            addr = stop
         if addr < end:
             raise PageNotCaptured(addr, self.fate(addr).fate)
+
+    def _stream_chunk(
+        self, chunk: ChunkRef, lo: int, hi: int, buf: memoryview
+    ) -> Iterator[tuple[int, memoryview]]:
+        """``[lo, hi)`` of one chunk, decompressed piece by piece into ``buf``."""
+        desc = self._desc(chunk)
+        frame = self._read_at(chunk.data_offset, desc.data_size)
+        if desc.data_hash is not None and fmt.data_hash(frame) != desc.data_hash:
+            raise ImageError("its DATA frame does not match the hash its DESC records")
+        claimed = zstandard.frame_content_size(frame)
+        if claimed != desc.stream_bytes:
+            shown = "no size" if claimed < 0 else f"{claimed} bytes"
+            raise ImageError(f"its frame header claims {shown}, not {desc.stream_bytes}")
+        try:
+            with self._dctx.stream_reader(frame, read_across_frames=False) as reader:
+                if desc.has_lime_header:
+                    head = reader.read(LIME_HEADER_SIZE)
+                    if len(head) != LIME_HEADER_SIZE:
+                        raise ImageError("its LiME header is cut short")
+                    magic, version, first, last, _ = LIME_HEADER.unpack(head)
+                    if (magic, version) != (LIME_MAGIC, LIME_VERSION) or first != desc.paddr:
+                        raise ImageError("its LiME header does not name the chunk's address")
+                    if last < desc.paddr + desc.ram_bytes - 1:
+                        raise ImageError("its LiME header's range ends inside the chunk")
+                at = chunk.paddr
+                while at < chunk.end:
+                    n = reader.readinto(buf[: min(len(buf), chunk.end - at)])
+                    if n <= 0:
+                        raise ImageError(
+                            f"it decompresses to {at - chunk.paddr} RAM bytes, "
+                            f"not {chunk.ram_bytes}"
+                        )
+                    a, b = max(lo, at), min(hi, at + n)
+                    if a < b:
+                        yield a, buf[a - at : b - at]
+                    at += n
+                if reader.read(1):
+                    raise ImageError(f"it decompresses to more than {desc.stream_bytes} bytes")
+        except zstandard.ZstdError as e:
+            raise ImageError(f"corrupt zstd frame: {e}") from None
 
     @_index_checked
     def blob(self, name: str) -> bytes | None:
