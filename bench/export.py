@@ -14,7 +14,8 @@ IMAGE defaults to /work/images/6.12/image.lime.zst. Outputs go to a temporary di
 in DIR (default: the system's temporary directory) and are removed. An export to a file
 ends with an fsync (it is put in place only once it is on disk), which `zstd -dc > FILE`
 does not do: its baseline is `zstd -dc > FILE && sync FILE`. `--code` runs another source
-tree (e.g. a checkout of an older commit) for before/after figures. Prints figures; never
+tree (e.g. `git archive COMMIT | tar -x -C DIR` of an older commit) for before/after
+figures; its __pycache__ folders are written on the first round. Prints figures; never
 pass/fail.
 """
 
@@ -65,6 +66,9 @@ def main() -> None:
     # `python -m` puts the working directory first on sys.path: run in the tree measured.
     code = os.path.abspath(args.code)
     env = dict(os.environ, PYTHONPATH=code)
+    # An installed package has its modules compiled; without bytecode each start compiles
+    # them again, which is no cost of an export (the first round writes __pycache__).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     collect = f"{shlex.quote(sys.executable)} -m collector export {image}"
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = os.path.join(tmp, "out")

@@ -330,15 +330,15 @@ def export_raw(
     return summary
 
 
-_ZERO_PAGE = bytes(4096)
+_ZEROS = bytes(1 << 20)
 
 
 def _nonzero(data: bytes | memoryview) -> bool:
-    """Whether ``data`` holds a byte that is not zero (compared a page at a time, in C)."""
+    """Whether ``data`` holds a byte that is not zero. ``bytes.startswith`` compares with
+    memcmp() and no copy (comparing memoryviews goes item by item, 40 times slower)."""
     view = memoryview(data).cast("B")
-    for at in range(0, len(view), len(_ZERO_PAGE)):
-        piece = view[at : at + len(_ZERO_PAGE)]
-        if piece != _ZERO_PAGE[: len(piece)]:
+    for at in range(0, len(view), len(_ZEROS)):
+        if not _ZEROS.startswith(view[at : at + len(_ZEROS)]):
             return True
     return False
 

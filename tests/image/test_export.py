@@ -409,3 +409,13 @@ def test_a_stream_that_takes_nothing_is_an_error(answer, what):
     assert str(e.value) == (
         f"sink: write failed at byte 0: the output {what} (32 bytes left to write)"
     )
+
+
+def test_nonzero_finds_one_byte_anywhere():
+    from collector.image.export import _nonzero
+
+    assert not _nonzero(b"") and not _nonzero(bytes(3 << 20))
+    for at in (0, 4095, 1 << 20, (3 << 20) - 1):
+        data = bytearray(3 << 20)
+        data[at] = 1
+        assert _nonzero(memoryview(data)), at
