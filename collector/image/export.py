@@ -343,18 +343,18 @@ def _nonzero(data: bytes | memoryview) -> bool:
     return False
 
 
-def _note(name: str, type_: int, desc: bytes) -> bytes:
+def _note(name: str, type_: int, desc: bytes) -> list[bytes]:
     """One ELF note as the kernel writes it (kernel/crash_core.c append_elf_note): 4-byte
-    aligned name and descriptor."""
+    aligned name and descriptor. In pieces, so that a large descriptor is not copied."""
     raw = name.encode() + b"\0"
-    return (
-        Elf64_Nhdr.pack(len(raw), len(desc), type_)
-        + raw.ljust((len(raw) + 3) // 4 * 4, b"\0")
-        + desc.ljust((len(desc) + 3) // 4 * 4, b"\0")
-    )
+    return [
+        Elf64_Nhdr.pack(len(raw), len(desc), type_) + raw.ljust((len(raw) + 3) // 4 * 4, b"\0"),
+        desc,
+        bytes(-len(desc) % 4),
+    ]
 
 
-def _vmcoreinfo_note(vmcoreinfo: bytes) -> bytes:
+def _vmcoreinfo_note(vmcoreinfo: bytes) -> list[bytes]:
     """The VMCOREINFO note (name "VMCOREINFO", type 0), as /proc/vmcore carries it."""
     return _note(VMCOREINFO_NOTE_NAME, 0, vmcoreinfo)
 
@@ -381,7 +381,7 @@ MAX_FATE_RECORDS = 1 << 20
 
 def collector_notes(
     memory: PhysicalMemory, runs: list[_FateRun] | None, summary: ExportSummary
-) -> list[bytes]:
+) -> list[list[bytes]]:
     """The COLLECTOR notes an ELF export carries: the image's BTF and kallsyms blobs as they
     are, and the runs of pages it did not read (which the ELF file holds as zeros)."""
     notes = []
@@ -438,7 +438,7 @@ def export_elf(
     notes = ([_vmcoreinfo_note(vmcoreinfo)] if vmcoreinfo is not None else []) + collector_notes(
         memory, runs, summary
     )
-    note = b"".join(notes)
+    note_size = sum(len(piece) for n in notes for piece in n)
     kernel: list[tuple[int, int, int, int]] = []  # (span index, vaddr, paddr, size)
     if kernel_map is not None:
         k_end = kernel_map.paddr + kernel_map.size
@@ -451,16 +451,16 @@ def export_elf(
                 f"the kernel image at physical {kernel_map.paddr:#x} is not in the exported "
                 "ranges: no PT_LOAD for its virtual addresses"
             )
-    phnum = len(spans) + len(kernel) + (1 if note else 0)
+    phnum = len(spans) + len(kernel) + (1 if note_size else 0)
     xnum = phnum >= PN_XNUM
     phoff = Elf64_Ehdr.size
     shoff = phoff + phnum * Elf64_Phdr.size if xnum else 0
     note_off = phoff + phnum * Elf64_Phdr.size + (Elf64_Shdr.size if xnum else 0)
-    offset = note_off + len(note)
+    offset = note_off + note_size
 
     phdrs = []
-    if note:
-        phdrs.append(Elf64_Phdr.pack(PT_NOTE, 0, note_off, 0, 0, len(note), len(note), 0))
+    if note_size:
+        phdrs.append(Elf64_Phdr.pack(PT_NOTE, 0, note_off, 0, 0, note_size, note_size, 0))
     layout: list[int] = []
     for start, end in spans:
         if end - start >= page:
@@ -493,9 +493,10 @@ def export_elf(
     zeros = _Zeros(memory, chunk_size)
     try:
         sink.write(ehdr + b"".join(phdrs) + shdr)
-        for n in notes:
-            sink.write(n)
-        del notes, note
+        for pieces in notes:
+            for piece in pieces:
+                sink.write(piece)
+        del notes  # the blobs are not needed while RAM is written
         for (start, end), seg_off in zip(spans, layout, strict=True):
             zeros.write(sink, seg_off - sink.offset)
             for _addr, data, length in _pieces(memory, start, end, chunk_size, summary, runs):
