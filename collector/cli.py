@@ -489,7 +489,7 @@ def _elf_kernel(memory, notes: list[str]) -> dict:
     base for ``p_vaddr``, and the kernel image's own mapping. Each that cannot be worked
     out is left out, with a note saying why."""
     from collector.image.export import KernelMap
-    from collector.kernel.kernel import Kernel
+    from collector.kernel.kernel import Kernel, kernel_image_map
 
     kernel = Kernel(memory)
     out: dict = {}
@@ -503,7 +503,7 @@ def _elf_kernel(memory, notes: list[str]) -> dict:
     except CollectorError as e:
         notes.append(f"p_vaddr left 0: the direct map's base is unknown ({e})")
     try:
-        m = kernel.image_map()
+        m = kernel_image_map(kernel)
         out["kernel_map"] = KernelMap(m.vaddr, m.paddr, m.size)
     except CollectorError as e:
         notes.append(f"no PT_LOAD for the kernel image's virtual addresses: {e}")

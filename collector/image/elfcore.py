@@ -125,6 +125,10 @@ class ElfCore(FileImage):
     regions it does not dump, makedumpfile for pages it filters); MISSING where the file was
     cut before the end of ``p_filesz``; OUTSIDE elsewhere. Fates are exact to the byte.
 
+    The COLLECTOR notes of a collector export (docs/interop/exports.md) are read back: BTF
+    and kallsyms as blobs, and the pages its page-fates note lists with their fates (a read
+    of one raises :class:`PageNotCaptured`, as on the image the export came from).
+
     Segments with ``p_paddr = -1`` (kcore's vmalloc, modules and vmemmap) are left out of
     the physical view. Every segment with a non-zero ``p_vaddr`` is in
     :attr:`virtual_segments` and can be read with :meth:`read_virtual`.

@@ -14,7 +14,7 @@ from collector.errors import ImageError
 from collector.image.elfcore import ElfCore
 from collector.image.export import KernelMap, export_elf, export_lime
 from collector.image.sparse import SparseMemory
-from collector.kernel.kernel import Kernel
+from collector.kernel.kernel import Kernel, kernel_image_map
 from collector.testing.kernel import SyntheticKernel
 
 START_KERNEL_MAP = 0xFFFFFFFF80000000
@@ -42,7 +42,7 @@ def phdrs(data: bytes) -> list[tuple]:
 def test_kernel_image_from_the_page_tables():
     sk = synthetic()
     kernel = sk.kernel()
-    m = kernel.image_map()
+    m = kernel_image_map(kernel)
     # _stext's page up to the end of the 2 MiB page; the stray page is not the image.
     assert (m.vaddr, m.paddr, m.size, m.source) == (
         START_KERNEL_MAP + IMAGE_PHYS,
@@ -65,7 +65,7 @@ IOMEM = """\
 def test_kernel_image_from_iomem():
     sk = synthetic()
     sk.blobs["iomem"] = IOMEM.encode()
-    m = sk.kernel().image_map()
+    m = kernel_image_map(sk.kernel())
     assert (m.vaddr, m.paddr, m.size, m.source) == (
         START_KERNEL_MAP + IMAGE_PHYS,
         IMAGE_PHYS,
@@ -80,7 +80,7 @@ def test_iomem_that_the_page_tables_contradict_is_refused():
         "01000000-01000fff : Kernel code", "00900000-00900fff : Kernel code"
     ).encode()
     with pytest.raises(ImageError) as e:
-        sk.kernel().image_map()
+        kernel_image_map(sk.kernel())
     assert str(e.value).startswith(
         f"the kernel image at {START_KERNEL_MAP + 0x900000:#x} (from iomem) is not mapped"
     )
