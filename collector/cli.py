@@ -529,6 +529,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.to == "isf":
         return _export_isf(args)
     memory = open_from_args(args)
+    notes: list[str] = []
     try:
         with signals.handled(), outfile.writing(args.output, args.force) as out:
             if args.to == "raw":
@@ -536,11 +537,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             elif args.to == "lime":
                 summary = export.export_lime(memory, out)
             else:
-                summary = export.export_elf(
-                    memory, out, memory.blob("vmcoreinfo"), _page_offset(memory)
-                )
+                summary = export.export_elf(memory, out, **_elf_kernel(memory, notes))
     finally:
         memory.close()
+    notes.extend(summary.notes)
     warning = summary.warning()
     doc = {
         "output": args.output,
@@ -549,7 +549,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         "bytes": summary.bytes,
         "pages_not_captured": {f.label: n for f, n in summary.zero_filled.items()},
         "warning": warning,
+        "notes": notes,
     }
+    if args.to == "elf":
+        doc["kernel_segments"] = summary.kernel_segments
     report = sys.stderr if args.output == "-" else sys.stdout
     if args.json:
         print(json.dumps(doc, indent=2), file=report)
@@ -560,7 +563,36 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     if warning:
         print(f"collect: warning: {warning}", file=sys.stderr)
+    for note in notes:
+        print(f"collect: note: {note}", file=sys.stderr)
     return 0
+
+
+def _elf_kernel(memory, notes: list[str]) -> dict:
+    """What an ELF core of this kernel carries beyond RAM, as /proc/vmcore does: the
+    VMCOREINFO text (blob, else found in memory, as a LiME file needs), the direct map's
+    base for ``p_vaddr``, and the kernel image's own mapping. Each that cannot be worked
+    out is left out, with a note saying why."""
+    from collector.image.export import KernelMap
+    from collector.kernel.kernel import Kernel, kernel_image_map
+
+    kernel = Kernel(memory)
+    out: dict = {}
+    try:
+        out["vmcoreinfo"] = kernel.vmcoreinfo.text.encode()
+    except CollectorError as e:
+        notes.append(f"no VMCOREINFO note ({e}): drgn and crash will not take it for a kernel core")
+        return out
+    try:
+        out["page_offset_base"] = kernel.layout.page_offset_base
+    except CollectorError as e:
+        notes.append(f"p_vaddr left 0: the direct map's base is unknown ({e})")
+    try:
+        m = kernel_image_map(kernel)
+        out["kernel_map"] = KernelMap(m.vaddr, m.paddr, m.size)
+    except CollectorError as e:
+        notes.append(f"no PT_LOAD for the kernel image's virtual addresses: {e}")
+    return out
 
 
 def cmd_drgn(args: argparse.Namespace) -> int:
@@ -591,7 +623,11 @@ def _export_isf(args: argparse.Namespace) -> int:
     try:
         result = isf.build_isf(Kernel(memory))
         with signals.handled(), outfile.writing(args.output, args.force) as out:
-            size = isf.write_isf(result, out, xz=args.output.endswith(".xz"))
+            sink = outfile.CheckedWriter(out)
+            try:
+                size = isf.write_isf(result, sink, xz=args.output.endswith(".xz"))  # type: ignore[arg-type]
+            except OSError as e:
+                raise sink.error(e) from None
     finally:
         memory.close()
     counts = result.counts()
@@ -619,19 +655,17 @@ def _export_isf(args: argparse.Namespace) -> int:
     return 0
 
 
-def _page_offset(memory) -> int | None:
-    try:
-        from collector.kernel.kernel import Kernel
-
-        return Kernel(memory).layout.page_offset_base
-    except CollectorError:
-        return None
-
-
 # -- dispatch -------------------------------------------------------------------------------
 
 
-def command_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
+#: The subcommands collector.cli_analysis adds. Importing it loads the plugin machinery (a
+#: third of the start-up time of an export): other commands build their parser without it.
+ANALYSIS_COMMANDS = ("analyze", "plugins")
+
+
+def command_parser(
+    with_analysis: bool = True,
+) -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     top = argparse.ArgumentParser(prog="collect")
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("plan", help="print the per-range plan without reading RAM")
@@ -720,16 +754,17 @@ def command_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     )
     p.set_defaults(handler=cmd_drgn)
 
-    from collector import cli_analysis
+    if with_analysis:
+        from collector import cli_analysis
 
-    cli_analysis.register(sub)
+        cli_analysis.register(sub)
     return top, {name: parser for name, parser in sub.choices.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        top, commands = command_parser()
+        top, commands = command_parser(with_analysis=bool(argv) and argv[0] in ANALYSIS_COMMANDS)
         if argv and argv[0] in commands:
             args = top.parse_args(argv)
             return args.handler(args)

@@ -28,6 +28,19 @@ PF_X, PF_W, PF_R = 1, 2, 4
 #: 0's sh_info.
 PN_XNUM = 0xFFFF
 VMCOREINFO_NOTE_NAME = "VMCOREINFO"
+#: The owner of the notes `collect export --to elf` adds (docs/interop/exports.md): the
+#: image's BTF and kallsyms as the kernel printed them, and the pages it did not read.
+COLLECTOR_NOTE_NAME = "COLLECTOR"
+#: Types far from the small numbers core files use (1 is NT_PRSTATUS, which tools may take
+#: from a note of any owner): "COL" and a serial number.
+NT_COLLECTOR_BTF = 0x434F4C01
+NT_COLLECTOR_KALLSYMS = 0x434F4C02
+NT_COLLECTOR_PAGE_FATES = 0x434F4C03
+#: The page-fates note: u32 version (1), u32 page size, then one record per run of pages
+#: not read: u64 physical address of the first page, u64 page count, u32 fate (the image
+#: format's value), i32 errno.
+PAGE_FATES_HEAD = struct.Struct("<II")
+PAGE_FATES_RECORD = struct.Struct("<QQIi")
 #: kcore sets p_paddr to this for segments with no physical address (vmalloc, modules, vmemmap).
 NO_PADDR = 0xFFFFFFFFFFFFFFFF
 

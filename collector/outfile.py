@@ -222,3 +222,41 @@ def writing(path: str, force: bool) -> Iterator[BinaryIO]:
         output.discard()
         raise
     output.put_in_place()
+
+
+class CheckedWriter:
+    """An output whose every write is checked: short writes finished or refused.
+
+    A raw file object may write fewer bytes than asked (a file reaching ``ulimit -f`` with
+    SIGXFSZ ignored, as Python does; a disk filling up) and only says so by its return value;
+    the rest is written again, which then fails with the reason (EFBIG, ENOSPC). A stream
+    that takes nothing, or returns no count, is an error too, so an export is never
+    reported written when its file is short.
+    """
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.name = getattr(out, "name", "output")
+        #: The file offset the next write goes to (bytes written, for a stream).
+        self.offset = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = self.out.write(view)
+            if n is None or n <= 0:
+                what = "would block" if n is None else "wrote nothing"
+                raise OSError(errno.EIO, f"the output {what} ({len(view)} bytes left to write)")
+            self.offset += n
+            view = view[n:]
+
+    def seek(self, offset: int) -> None:
+        self.out.seek(offset)
+        self.offset = offset
+
+    def truncate(self, size: int) -> None:
+        self.out.truncate(size)
+
+    def error(self, e: OSError) -> CollectorError:
+        """The one line for a failed write: the output, where it stopped and why."""
+        return CollectorError(f"{self.name}: write failed at byte {self.offset}: {e.strerror or e}")

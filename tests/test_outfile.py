@@ -165,15 +165,18 @@ def test_a_failed_export_removes_its_partial_file_and_names_the_path(image, smal
     out = small_disk / "out.lime"
     assert main(["export", str(image), "--to", "lime", "-o", str(out)]) == 1
     assert one_line(capsys.readouterr().err) == (
-        f"collect: {out}: write failed: No space left on device; the partial file was removed"
+        # The tmpfs holds 2 MiB: the write that fills it is short, the next one fails there.
+        f"collect: {out}: write failed at byte {2 << 20}: No space left on device; the partial "
+        "file was removed"
     )
     assert list(small_disk.iterdir()) == []
     # With --force over an existing file, that file stays as it was.
     out.write_bytes(b"previous export\n")
     assert main(["export", str(image), "--to", "lime", "-o", str(out), "--force"]) == 1
     assert one_line(capsys.readouterr().err) == (
-        f"collect: {out}: write failed: No space left on device; the partial file was removed "
-        f"and {out} left as it was"
+        # The old file keeps one 4 KiB page of the tmpfs.
+        f"collect: {out}: write failed at byte {(2 << 20) - 4096}: No space left on device; "
+        f"the partial file was removed and {out} left as it was"
     )
     assert list(small_disk.iterdir()) == [out] and out.read_bytes() == b"previous export\n"
 

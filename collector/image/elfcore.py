@@ -11,10 +11,16 @@ from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
 from collector.elf import (
+    COLLECTOR_NOTE_NAME,
     EM_X86_64,
     ET_CORE,
     MAX_NOTES,
     NO_PADDR,
+    NT_COLLECTOR_BTF,
+    NT_COLLECTOR_KALLSYMS,
+    NT_COLLECTOR_PAGE_FATES,
+    PAGE_FATES_HEAD,
+    PAGE_FATES_RECORD,
     PT_LOAD,
     PT_NOTE,
     VMCOREINFO_NOTE_NAME,
@@ -35,7 +41,7 @@ from collector.errors import (
     UnsupportedImage,
 )
 from collector.image.raw import FileImage, RawFile
-from collector.memory import Fate, PageFate, PageNotCaptured
+from collector.memory import Fate, FateRun, PageFate, PageNotCaptured
 
 _U64 = 1 << 64
 #: More program headers than any machine's memory map needs (one PT_LOAD per RAM range),
@@ -136,6 +142,10 @@ class ElfCore(FileImage):
     ``p_filesz`` (the producer described the memory but stored nothing: QEMU does this for
     regions it does not dump, makedumpfile for pages it filters); MISSING where the file was
     cut before the end of ``p_filesz``; OUTSIDE elsewhere. Fates are exact to the byte.
+
+    The COLLECTOR notes of a collector export (docs/interop/exports.md) are read back: BTF
+    and kallsyms as blobs, and the pages its page-fates note lists with their fates (a read
+    of one raises :class:`PageNotCaptured`, as on the image the export came from).
 
     Segments with ``p_paddr = -1`` (kcore's vmalloc, modules and vmemmap) are left out of
     the physical view. Every segment with a non-zero ``p_vaddr`` is in
@@ -273,6 +283,8 @@ class ElfCore(FileImage):
         self._virt, _ = _build_map([(s.vaddr, s) for s in self.virtual_segments])
         self._virt_starts = [p.start for p in self._virt]
         self.direct_map_base = self._direct_map_delta()
+        self._fates: list[FateRun] = []
+        self._fate_starts: list[int] = []
 
     def _derive_paddrs(self, direct_map_base: int | None) -> list[tuple[int, ElfSegment]]:
         base = direct_map_base
@@ -329,6 +341,7 @@ class ElfCore(FileImage):
                         self.page_size = value
                     else:
                         self._problem(f"VMCOREINFO PAGESIZE {line[9:40]!r} ignored")
+        self._load_fates()
         self.metadata = {
             "format": "elf-core",
             "e_machine": self.e_machine,
@@ -337,6 +350,53 @@ class ElfCore(FileImage):
         }
         if self.direct_map_base is not None:
             self.metadata["direct_map_base"] = self.direct_map_base
+
+    def _load_fates(self) -> None:
+        """The COLLECTOR page-fates note of a collector export: pages the image it came from
+        had not read, held as zeros in the file, are reported with their fate again."""
+        note = find_note(self.notes, COLLECTOR_NOTE_NAME, NT_COLLECTOR_PAGE_FATES)
+        if note is None:
+            return
+        desc = note.desc
+        if len(desc) < PAGE_FATES_HEAD.size:
+            self._problem("COLLECTOR page-fates note too short; ignored")
+            return
+        version, page_size = PAGE_FATES_HEAD.unpack_from(desc)
+        body = len(desc) - PAGE_FATES_HEAD.size
+        if version != 1 or page_size != self.page_size or body % PAGE_FATES_RECORD.size:
+            self._problem(
+                f"COLLECTOR page-fates note (version {version}, page size {page_size}, "
+                f"{body} bytes of records) does not fit this core; ignored"
+            )
+            return
+        runs: list[FateRun] = []
+        end = 0
+        for paddr, count, fate, errno in PAGE_FATES_RECORD.iter_unpack(
+            memoryview(desc)[PAGE_FATES_HEAD.size :]
+        ):
+            if not 1 <= fate < Fate.OUTSIDE or paddr < end or paddr % page_size or count < 1:
+                self._problem(
+                    f"COLLECTOR page-fates note: record at {paddr:#x} is out of order or not "
+                    "a fate; the note is ignored"
+                )
+                return
+            end = paddr + count * page_size
+            runs.append(FateRun(paddr, count, Fate(fate), errno))
+        self._fates = runs
+        self._fate_starts = [r.start for r in runs]
+
+    def fate_runs(self) -> list[FateRun]:
+        """The runs of pages not read that the COLLECTOR page-fates note lists (none for a
+        core without it), in physical order."""
+        return list(self._fates)
+
+    def _fate_at(self, paddr: int, size: int = 1) -> FateRun | None:
+        """The first listed run of pages not read that overlaps ``[paddr, paddr + size)``."""
+        i = bisect.bisect_right(self._fate_starts, paddr) - 1
+        for run in self._fates[max(i, 0) : max(i, 0) + 2]:
+            if run.start < paddr + size and paddr < run.start + run.count * self.page_size:
+                return run
+        return None
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -380,14 +440,31 @@ class ElfCore(FileImage):
         """Physical ranges as ``(start, end)``, end exclusive, one per segment piece."""
         return [(p.start, p.end) for p in self._phys]
 
-    def readable_ranges(self) -> list[tuple[int, int]]:
+    def captured_ranges(self) -> list[tuple[int, int]]:
         """Physical ranges whose bytes the file holds (no tail beyond ``p_filesz``, no part
-        the file was cut before)."""
+        the file was cut before), pages listed as not read included."""
         out = []
         for p in self._phys:
             end = min(p.end, p.base + p.seg.present)
             if p.start < end:
                 out.append((p.start, end))
+        return out
+
+    def readable_ranges(self) -> list[tuple[int, int]]:
+        """:meth:`captured_ranges` less the pages listed as not read."""
+        out = []
+        runs = iter(self._fates)
+        run = next(runs, None)
+        for start, end in self.captured_ranges():
+            while start < end:
+                while run is not None and run.start + run.count * self.page_size <= start:
+                    run = next(runs, None)
+                if run is None or run.start >= end:
+                    out.append((start, end))
+                    break
+                if run.start > start:
+                    out.append((start, run.start))
+                start = run.start + run.count * self.page_size
         return out
 
     def missing_ranges(self) -> list[tuple[int, int]]:
@@ -402,9 +479,20 @@ class ElfCore(FileImage):
 
     def fate(self, paddr: int) -> PageFate:
         piece = self._locate(self._phys, self._phys_starts, paddr)
-        return PageFate(Fate.OUTSIDE if piece is None else self._fate_in(piece, paddr))
+        fate = Fate.OUTSIDE if piece is None else self._fate_in(piece, paddr)
+        if fate == Fate.READ and self._fates:
+            run = self._fate_at(paddr)
+            if run is not None:
+                return PageFate(run.fate, run.errno)
+        return PageFate(fate)
 
     def read(self, paddr: int, size: int) -> bytes:
+        if self._fates:
+            run = self._fate_at(paddr, size)
+            if run is not None:
+                # The first page not read ends the read, as the native reader does.
+                first = max(run.start, paddr - paddr % self.page_size)
+                raise PageNotCaptured(first, run.fate, run.errno)
         return self._read(self._phys, self._phys_starts, paddr, size, PageNotCaptured)
 
     def virtual_ranges(self) -> list[tuple[int, int]]:
@@ -416,6 +504,14 @@ class ElfCore(FileImage):
         return self._read(self._virt, self._virt_starts, vaddr, size, VirtualPageNotCaptured)
 
     def blob(self, name: str) -> bytes | None:
-        """``vmcoreinfo``: the VMCOREINFO note's text, without trailing NULs; else None."""
-        note = find_note(self.notes, VMCOREINFO_NOTE_NAME) if name == "vmcoreinfo" else None
-        return None if note is None else note.desc.rstrip(b"\0")
+        """``vmcoreinfo``: the VMCOREINFO note's text, without trailing NULs; ``btf`` and
+        ``kallsyms``: the COLLECTOR notes of a collector export; else None."""
+        if name == "vmcoreinfo":
+            note = find_note(self.notes, VMCOREINFO_NOTE_NAME)
+            return None if note is None else note.desc.rstrip(b"\0")
+        type_ = _BLOB_NOTES.get(name)
+        note = None if type_ is None else find_note(self.notes, COLLECTOR_NOTE_NAME, type_)
+        return None if note is None else note.desc
+
+
+_BLOB_NOTES = {"btf": NT_COLLECTOR_BTF, "kallsyms": NT_COLLECTOR_KALLSYMS}

@@ -11,15 +11,22 @@ hole. Data is streamed in bounded chunks; memory use does not grow with the size
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from collector.elf import (
+    COLLECTOR_NOTE_NAME,
     EM_X86_64,
     ET_CORE,
+    NT_COLLECTOR_BTF,
+    NT_COLLECTOR_KALLSYMS,
+    NT_COLLECTOR_PAGE_FATES,
+    PAGE_FATES_HEAD,
+    PAGE_FATES_RECORD,
     PF_R,
     PF_W,
     PF_X,
@@ -32,9 +39,10 @@ from collector.elf import (
     Elf64_Phdr,
     Elf64_Shdr,
 )
-from collector.errors import CollectorError, ImageError
+from collector.errors import ImageError
 from collector.image.lime import write_lime_header
 from collector.memory import Fate, PageNotCaptured, PhysicalMemory
+from collector.outfile import CheckedWriter
 
 DEFAULT_CHUNK = 1 << 20
 _U64 = 1 << 64
@@ -50,6 +58,8 @@ class ExportSummary:
     :param zero_filled: pages written as zeros because the source lacks them, by fate.
     :param zero_bytes: bytes of that zero fill.
     :param left_out: bytes of announced ranges the image does not hold, not written.
+    :param kernel_segments: PT_LOADs written for the kernel image's virtual addresses (ELF).
+    :param notes: what the export left out besides RAM, one line each.
     """
 
     ranges: int = 0
@@ -57,6 +67,8 @@ class ExportSummary:
     zero_filled: dict[Fate, int] = field(default_factory=dict)
     zero_bytes: int = 0
     left_out: int = 0
+    kernel_segments: int = 0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def pages_not_captured(self) -> int:
@@ -172,9 +184,75 @@ def _chunks(
             addr = hole_end
 
 
-def _write_error(out: object, e: OSError) -> CollectorError:
-    name = getattr(out, "name", "output")
-    return CollectorError(f"{name}: write failed: {e.strerror or e}")
+class _FateRun(NamedTuple):
+    """Bytes ``[start, end)`` whose pages the image records as not read."""
+
+    start: int
+    end: int
+    fate: Fate
+    errno: int
+
+
+def _not_read(memory: PhysicalMemory, spans: list[tuple[int, int]]) -> list[_FateRun] | None:
+    """The runs of pages not read inside ``spans``, in order; None when the reader keeps no
+    such records (a LiME or raw file: every byte it holds was read)."""
+    fate_runs = getattr(memory, "fate_runs", None)
+    if not callable(fate_runs):
+        return None
+    page = memory.page_size if memory.page_size > 0 else 4096
+    runs = []
+    i = 0
+    for r in fate_runs():  # in physical order, as are the spans
+        if r.fate == Fate.READ:
+            continue
+        start, end = r.start, r.start + r.count * page
+        while i < len(spans) and spans[i][1] <= start:
+            i += 1
+        j = i
+        while j < len(spans) and spans[j][0] < end:
+            lo, hi = max(start, spans[j][0]), min(end, spans[j][1])
+            if lo < hi:
+                runs.append(_FateRun(lo, hi, r.fate, r.errno))
+            j += 1
+    return runs
+
+
+def _pieces(
+    memory: PhysicalMemory,
+    start: int,
+    end: int,
+    chunk_size: int,
+    summary: ExportSummary,
+    runs: list[_FateRun] | None,
+) -> Iterator[tuple[int, bytes | memoryview | None, int]]:
+    """Like :func:`_chunks`, but from a reader that can stream its stored chunks whole and
+    lists the pages it did not read (the native reader): one decompression per chunk, no
+    copy and no cache, and the listed pages zero-filled without an exception each."""
+    stream = getattr(memory, "stream", None)
+    if runs is None or not callable(stream):
+        yield from _chunks(memory, start, end, chunk_size, summary)
+        return
+    page = memory.page_size if memory.page_size > 0 else 4096
+    k = bisect.bisect_right(runs, start, key=lambda r: r.end)
+    for addr, view in stream(start, end):
+        stop = addr + len(view)
+        pos = addr
+        while k < len(runs) and runs[k].start < stop:
+            run = runs[k]
+            lo, hi = max(pos, run.start), min(stop, run.end)
+            if lo > pos:
+                yield pos, view[pos - addr : lo - addr], lo - pos
+            summary.zero_filled[run.fate] = (
+                summary.zero_filled.get(run.fate, 0) + (hi - 1) // page - lo // page + 1
+            )
+            summary.zero_bytes += hi - lo
+            yield lo, None, hi - lo
+            pos = hi
+            if run.end > stop:
+                break
+            k += 1
+        if pos < stop:
+            yield pos, view[pos - addr :], stop - pos
 
 
 def export_lime(
@@ -183,17 +261,32 @@ def export_lime(
     """Write ``memory`` as a LiME file (one header per range) to a stream, front to back."""
     summary = ExportSummary()
     spans = _checked_ranges(memory, summary)
-    zeros = memoryview(bytes(max(chunk_size, memory.page_size)))
+    runs = _not_read(memory, spans)
+    sink = CheckedWriter(out_fileobj)
+    zeros = _Zeros(memory, chunk_size)
     try:
         for start, end in spans:
-            out_fileobj.write(write_lime_header(start, end - 1))
-            for _addr, data, length in _chunks(memory, start, end, chunk_size, summary):
-                out_fileobj.write(zeros[:length] if data is None else data)
+            sink.write(write_lime_header(start, end - 1))
+            for _addr, data, length in _pieces(memory, start, end, chunk_size, summary, runs):
+                zeros.write(sink, length) if data is None else sink.write(data)
                 summary.bytes += length
             summary.ranges += 1
     except OSError as e:
-        raise _write_error(out_fileobj, e) from None
+        raise sink.error(e) from None
     return summary
+
+
+class _Zeros:
+    """Zero fill of any length, from one bounded buffer."""
+
+    def __init__(self, memory: PhysicalMemory, chunk_size: int) -> None:
+        self.buf = memoryview(bytes(max(chunk_size, memory.page_size, 1 << 16)))
+
+    def write(self, sink: CheckedWriter, length: int) -> None:
+        while length > 0:
+            n = min(length, len(self.buf))
+            sink.write(self.buf[:n])
+            length -= n
 
 
 def export_raw(
@@ -218,32 +311,103 @@ def export_raw(
             f"memory at {spans[-1][0]:#x}-{spans[-1][1] - 1:#x} lies beyond the largest offset "
             "a raw file can have (2^63 - 1); export it as LiME or ELF instead"
         )
+    runs = _not_read(memory, spans)
+    sink = CheckedWriter(out)
     try:
         file_end = 0
         for start, end in spans:
-            for addr, data, length in _chunks(memory, start, end, chunk_size, summary):
-                if data is not None and data.count(0) != length:
-                    out.seek(addr)
-                    out.write(data)
+            for addr, data, length in _pieces(memory, start, end, chunk_size, summary, runs):
+                if data is not None and _nonzero(data):
+                    if sink.offset != addr:
+                        sink.seek(addr)
+                    sink.write(data)
                 summary.bytes += length
             summary.ranges += 1
             file_end = end
-        out.truncate(file_end)
+        sink.truncate(file_end)
     except OSError as e:
-        raise CollectorError(
-            f"{getattr(out, 'name', 'raw output')}: write failed: {e.strerror or e}"
-        ) from None
+        raise sink.error(e) from None
     return summary
 
 
-def _vmcoreinfo_note(vmcoreinfo: bytes) -> bytes:
-    """The VMCOREINFO ELF note as the kernel writes it (kernel/crash_core.c append_elf_note)."""
-    name = VMCOREINFO_NOTE_NAME.encode() + b"\0"
-    return (
-        Elf64_Nhdr.pack(len(name), len(vmcoreinfo), 0)
-        + name.ljust((len(name) + 3) // 4 * 4, b"\0")
-        + vmcoreinfo.ljust((len(vmcoreinfo) + 3) // 4 * 4, b"\0")
+_ZEROS = bytes(1 << 20)
+
+
+def _nonzero(data: bytes | memoryview) -> bool:
+    """Whether ``data`` holds a byte that is not zero. ``bytes.startswith`` compares with
+    memcmp() and no copy (comparing memoryviews goes item by item, 40 times slower)."""
+    view = memoryview(data).cast("B")
+    for at in range(0, len(view), len(_ZEROS)):
+        if not _ZEROS.startswith(view[at : at + len(_ZEROS)]):
+            return True
+    return False
+
+
+def _note(name: str, type_: int, desc: bytes) -> list[bytes]:
+    """One ELF note as the kernel writes it (kernel/crash_core.c append_elf_note): 4-byte
+    aligned name and descriptor. In pieces, so that a large descriptor is not copied."""
+    raw = name.encode() + b"\0"
+    return [
+        Elf64_Nhdr.pack(len(raw), len(desc), type_) + raw.ljust((len(raw) + 3) // 4 * 4, b"\0"),
+        desc,
+        bytes(-len(desc) % 4),
+    ]
+
+
+def _vmcoreinfo_note(vmcoreinfo: bytes) -> list[bytes]:
+    """The VMCOREINFO note (name "VMCOREINFO", type 0), as /proc/vmcore carries it."""
+    return _note(VMCOREINFO_NOTE_NAME, 0, vmcoreinfo)
+
+
+def _page_fates_desc(page_size: int, runs: list[_FateRun]) -> bytes:
+    """The COLLECTOR page-fates note's descriptor (layout in collector.elf)."""
+    records = []
+    for run in runs:
+        first = run.start - run.start % page_size
+        pages = -(-(run.end - first) // page_size)
+        if records and records[-1][0] + records[-1][1] * page_size > first:
+            # A page shared by two stretches (a range ending inside it) is listed once.
+            continue
+        records.append((first, pages, int(run.fate), run.errno))
+    return PAGE_FATES_HEAD.pack(1, page_size) + b"".join(
+        PAGE_FATES_RECORD.pack(*r) for r in records
     )
+
+
+#: The page-fates note is left out beyond this many runs (24 bytes each): a hostile image
+#: alternating fates page by page must not fill memory with the note before any data.
+MAX_FATE_RECORDS = 1 << 20
+
+
+def collector_notes(
+    memory: PhysicalMemory, runs: list[_FateRun] | None, summary: ExportSummary
+) -> list[list[bytes]]:
+    """The COLLECTOR notes an ELF export carries: the image's BTF and kallsyms blobs as they
+    are, and the runs of pages it did not read (which the ELF file holds as zeros)."""
+    notes = []
+    for type_, blob in ((NT_COLLECTOR_BTF, "btf"), (NT_COLLECTOR_KALLSYMS, "kallsyms")):
+        data = memory.blob(blob)
+        if data:
+            notes.append(_note(COLLECTOR_NOTE_NAME, type_, data))
+    if runs:
+        if len(runs) <= MAX_FATE_RECORDS:
+            desc = _page_fates_desc(memory.page_size or 4096, runs)
+            notes.append(_note(COLLECTOR_NOTE_NAME, NT_COLLECTOR_PAGE_FATES, desc))
+        else:
+            summary.notes.append(
+                f"{len(runs)} runs of pages not read, more than {MAX_FATE_RECORDS}: the "
+                "page-fates note was left out"
+            )
+    return notes
+
+
+class KernelMap(NamedTuple):
+    """A mapping of physical memory at virtual addresses to describe with its own PT_LOADs
+    (the kernel image at ``__START_KERNEL_map``, as /proc/vmcore has it)."""
+
+    vaddr: int
+    paddr: int
+    size: int
 
 
 def export_elf(
@@ -253,29 +417,50 @@ def export_elf(
     page_offset_base: int | None = None,
     e_machine: int = EM_X86_64,
     chunk_size: int = DEFAULT_CHUNK,
+    kernel_map: KernelMap | None = None,
 ) -> ExportSummary:
     """Write ``memory`` as an ELF64 core laid out like /proc/vmcore, front to back.
 
-    A PT_NOTE with the VMCOREINFO note (name "VMCOREINFO", type 0) comes first when
-    ``vmcoreinfo`` is given, then one PT_LOAD per range with ``p_paddr`` = the physical
-    address and ``p_vaddr`` = ``page_offset_base + p_paddr`` (0 when the base is unknown).
-    Each segment of a page or more has a file offset congruent to its address modulo the
-    page size.
+    One PT_NOTE comes first: the VMCOREINFO note (name "VMCOREINFO", type 0) when
+    ``vmcoreinfo`` is given, then the COLLECTOR notes (:func:`collector_notes`). Then one
+    PT_LOAD per range with ``p_paddr`` = the physical address and ``p_vaddr`` =
+    ``page_offset_base + p_paddr`` (0 when the base is unknown). Each segment of a page or
+    more has a file offset congruent to its address modulo the page size.
+
+    ``kernel_map`` adds one PT_LOAD per exported range it overlaps, at its virtual
+    addresses, after the others. Its file offsets point into the bytes already written for
+    those ranges: the kernel image is not stored twice.
     """
     summary = ExportSummary()
     spans = _checked_ranges(memory, summary)
+    runs = _not_read(memory, spans)
     page = memory.page_size if memory.page_size > 0 else 4096
-    note = _vmcoreinfo_note(vmcoreinfo) if vmcoreinfo is not None else b""
-    phnum = len(spans) + (1 if note else 0)
+    notes = ([_vmcoreinfo_note(vmcoreinfo)] if vmcoreinfo is not None else []) + collector_notes(
+        memory, runs, summary
+    )
+    note_size = sum(len(piece) for n in notes for piece in n)
+    kernel: list[tuple[int, int, int, int]] = []  # (span index, vaddr, paddr, size)
+    if kernel_map is not None:
+        k_end = kernel_map.paddr + kernel_map.size
+        for i, (start, end) in enumerate(spans):
+            lo, hi = max(start, kernel_map.paddr), min(end, k_end)
+            if lo < hi:
+                kernel.append((i, (kernel_map.vaddr + lo - kernel_map.paddr) % _U64, lo, hi - lo))
+        if not kernel:
+            summary.notes.append(
+                f"the kernel image at physical {kernel_map.paddr:#x} is not in the exported "
+                "ranges: no PT_LOAD for its virtual addresses"
+            )
+    phnum = len(spans) + len(kernel) + (1 if note_size else 0)
     xnum = phnum >= PN_XNUM
     phoff = Elf64_Ehdr.size
     shoff = phoff + phnum * Elf64_Phdr.size if xnum else 0
     note_off = phoff + phnum * Elf64_Phdr.size + (Elf64_Shdr.size if xnum else 0)
-    offset = note_off + len(note)
+    offset = note_off + note_size
 
     phdrs = []
-    if note:
-        phdrs.append(Elf64_Phdr.pack(PT_NOTE, 0, note_off, 0, 0, len(note), len(note), 0))
+    if note_size:
+        phdrs.append(Elf64_Phdr.pack(PT_NOTE, 0, note_off, 0, 0, note_size, note_size, 0))
     layout: list[int] = []
     for start, end in spans:
         if end - start >= page:
@@ -290,6 +475,12 @@ def export_elf(
             )
         )
         offset += end - start
+    for i, vaddr, paddr, size in kernel:
+        seg_off = layout[i] + paddr - spans[i][0]
+        phdrs.append(
+            Elf64_Phdr.pack(PT_LOAD, PF_R | PF_W | PF_X, seg_off, vaddr, paddr, size, size, 0)
+        )
+    summary.kernel_segments = len(kernel)
     ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)  # ELFCLASS64, ELFDATA2LSB, EV_CURRENT
     ehdr = Elf64_Ehdr.pack(
         ident, ET_CORE, e_machine, 1, 0, phoff, shoff, 0, Elf64_Ehdr.size, Elf64_Phdr.size,
@@ -298,20 +489,20 @@ def export_elf(
     # With PN_XNUM, section header 0 (SHT_NULL) carries the real count in sh_info.
     shdr = Elf64_Shdr.pack(0, 0, 0, 0, 0, 0, 0, phnum, 0, 0) if xnum else b""
 
-    zeros = memoryview(bytes(max(chunk_size, page)))
+    sink = CheckedWriter(out_fileobj)
+    zeros = _Zeros(memory, chunk_size)
     try:
-        written = len(ehdr) + len(shdr) + len(note) + sum(len(p) for p in phdrs)
-        out_fileobj.write(ehdr + b"".join(phdrs) + shdr + note)
+        sink.write(ehdr + b"".join(phdrs) + shdr)
+        for pieces in notes:
+            for piece in pieces:
+                sink.write(piece)
+        del notes  # the blobs are not needed while RAM is written
         for (start, end), seg_off in zip(spans, layout, strict=True):
-            while written < seg_off:
-                n = min(seg_off - written, len(zeros))
-                out_fileobj.write(zeros[:n])
-                written += n
-            for _addr, data, length in _chunks(memory, start, end, chunk_size, summary):
-                out_fileobj.write(zeros[:length] if data is None else data)
+            zeros.write(sink, seg_off - sink.offset)
+            for _addr, data, length in _pieces(memory, start, end, chunk_size, summary, runs):
+                zeros.write(sink, length) if data is None else sink.write(data)
                 summary.bytes += length
-                written += length
             summary.ranges += 1
     except OSError as e:
-        raise _write_error(out_fileobj, e) from None
+        raise sink.error(e) from None
     return summary

@@ -36,6 +36,9 @@ from collector.image.raw import open_regular
 from collector.memory import Fate, FateRun, PageFate, PageNotCaptured
 
 _CACHE_CHUNKS = 8
+#: The buffer :meth:`NativeImage.stream` decompresses into: small enough to stay in the CPU's
+#: cache between decompressing and writing (zstd's own output buffer is 128 KiB).
+STREAM_BUFFER = 128 << 10
 #: zstd's largest block (128 KiB) means a DATA frame of a 64 MiB chunk has about 512 blocks.
 _MAX_BLOCKS = 1 << 10
 _ZSTD_MAX_BLOCK = 128 << 10
@@ -683,6 +686,82 @@ class NativeImage:
             size -= end - paddr
             paddr = end
         return bytes(out)
+
+    def stream(self, start: int, end: int) -> Iterator[tuple[int, memoryview]]:
+        """The stored bytes of ``[start, end)`` in order, for one pass over the image
+        (exports): each chunk decompressed once, a piece at a time, into one small buffer
+        that is reused, so the bytes are still in the CPU's cache when the caller writes
+        them, as with ``zstd -dc``. Each view is valid until the next one is taken.
+
+        A chunk is checked as :meth:`read` checks it before any of its bytes is given
+        out (its DESC, its DATA frame's hash, the size its frame header claims, its LiME
+        header); zstd's content checksum and the decompressed size are checked at the end
+        of the frame. Pages recorded as not read are served as their DATA frame holds them
+        (zeros, as the writer pads them): the caller zero-fills what :meth:`fate_runs` lists.
+
+        :raises PageNotCaptured: at the first address no chunk holds.
+        :raises ImageError: a chunk that does not check.
+        """
+        self.fate_runs()  # every DESC read and checked first (a mismatch rebuilds by a scan)
+        buf = memoryview(bytearray(STREAM_BUFFER))
+        addr = start
+        for chunk in itertools.islice(
+            self.chunks, max(0, bisect.bisect_right(self._starts, start) - 1), None
+        ):
+            if addr >= end or chunk.paddr > addr:
+                break
+            if chunk.end <= addr:
+                continue
+            stop = min(end, chunk.end)
+            try:
+                yield from self._stream_chunk(chunk, addr, stop, buf)
+            except ImageError as e:
+                raise ImageError(
+                    f"{self.path}: chunk {chunk.seq} at {chunk.paddr:#x}: {e}"
+                ) from None
+            addr = stop
+        if addr < end:
+            raise PageNotCaptured(addr, self.fate(addr).fate)
+
+    def _stream_chunk(
+        self, chunk: ChunkRef, lo: int, hi: int, buf: memoryview
+    ) -> Iterator[tuple[int, memoryview]]:
+        """``[lo, hi)`` of one chunk, decompressed piece by piece into ``buf``."""
+        desc = self._desc(chunk)
+        frame = self._read_at(chunk.data_offset, desc.data_size)
+        if desc.data_hash is not None and fmt.data_hash(frame) != desc.data_hash:
+            raise ImageError("its DATA frame does not match the hash its DESC records")
+        claimed = zstandard.frame_content_size(frame)
+        if claimed != desc.stream_bytes:
+            shown = "no size" if claimed < 0 else f"{claimed} bytes"
+            raise ImageError(f"its frame header claims {shown}, not {desc.stream_bytes}")
+        try:
+            with self._dctx.stream_reader(frame, read_across_frames=False) as reader:
+                if desc.has_lime_header:
+                    head = reader.read(LIME_HEADER_SIZE)
+                    if len(head) != LIME_HEADER_SIZE:
+                        raise ImageError("its LiME header is cut short")
+                    magic, version, first, last, _ = LIME_HEADER.unpack(head)
+                    if (magic, version) != (LIME_MAGIC, LIME_VERSION) or first != desc.paddr:
+                        raise ImageError("its LiME header does not name the chunk's address")
+                    if last < desc.paddr + desc.ram_bytes - 1:
+                        raise ImageError("its LiME header's range ends inside the chunk")
+                at = chunk.paddr
+                while at < chunk.end:
+                    n = reader.readinto(buf[: min(len(buf), chunk.end - at)])
+                    if n <= 0:
+                        raise ImageError(
+                            f"it decompresses to {at - chunk.paddr} RAM bytes, "
+                            f"not {chunk.ram_bytes}"
+                        )
+                    a, b = max(lo, at), min(hi, at + n)
+                    if a < b:
+                        yield a, buf[a - at : b - at]
+                    at += n
+                if reader.read(1):
+                    raise ImageError(f"it decompresses to more than {desc.stream_bytes} bytes")
+        except zstandard.ZstdError as e:
+            raise ImageError(f"corrupt zstd frame: {e}") from None
 
     @_index_checked
     def blob(self, name: str) -> bytes | None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 
-from collector.memory import Fate, PageFate, PageNotCaptured
+from collector.memory import Fate, FateRun, PageFate, PageNotCaptured
 
 
 class SparseMemory:
@@ -53,6 +54,13 @@ class SparseMemory:
         if self._locate(paddr) is None:
             return PageFate(Fate.OUTSIDE)
         return self._fates.get(paddr - paddr % self.page_size, PageFate(Fate.READ))
+
+    def fate_runs(self) -> Iterator[FateRun]:
+        """Every page of ``fates`` not read, in physical order, one run each."""
+        for page in sorted(self._fates):
+            f = self._fates[page]
+            if f.fate != Fate.READ and self._locate(page) is not None:
+                yield FateRun(page, 1, f.fate, f.errno)
 
     def read(self, paddr: int, size: int) -> bytes:
         out = bytearray()

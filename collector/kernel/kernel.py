@@ -442,3 +442,19 @@ class Kernel:
 def _check_size(size: int) -> None:
     if not 0 <= size <= MAX_READ:
         raise ImageError(f"read of {size} bytes refused (limit {MAX_READ})")
+
+
+def kernel_image_map(kernel: Kernel) -> Any:
+    """Where the kernel image lies physically and in its own mapping (the kernel-text
+    segment of /proc/vmcore), from the image's iomem ("Kernel code" .. "Kernel bss") or else
+    its page tables; see the profile's ``kernel_image_map``.
+
+    :raises CollectorError: VMCOREINFO is missing or nothing checks.
+    """
+    memory = kernel.memory
+    blob = memory.blob("iomem")
+    text = blob.decode("ascii", "replace") if blob else None
+    if text is None:
+        meta = (getattr(memory, "metadata", None) or {}).get("iomem")
+        text = meta if isinstance(meta, str) else None
+    return kernel.profile.kernel_image_map(memory, kernel.vmcoreinfo, kernel.paging, text)

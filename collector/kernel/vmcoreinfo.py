@@ -68,11 +68,18 @@ class VmcoreInfo:
     one-line :class:`ImageError` naming the key instead.
     """
 
-    def __init__(self, entries: Mapping[str, str], values: Mapping[str, int]) -> None:
+    def __init__(
+        self, entries: Mapping[str, str], values: Mapping[str, int], text: str | None = None
+    ) -> None:
         self._entries = dict(entries)
         self._values = dict(values)
         #: Where in physical memory the text was found, when it was found there.
         self.paddr: int | None = None
+        #: The text as the kernel wrote it, up to its NUL (rebuilt from the entries when the
+        #: object was made from entries).
+        self.text = (
+            text if text is not None else "".join(f"{k}={v}\n" for k, v in self._entries.items())
+        )
 
     # -- construction -------------------------------------------------------------------
 
@@ -118,7 +125,7 @@ class VmcoreInfo:
         page_size = values.get("PAGESIZE")
         if page_size is not None and (page_size <= 0 or page_size & (page_size - 1)):
             raise ImageError(f"VMCOREINFO PAGESIZE={page_size} is not a power of two")
-        return cls(entries, values)
+        return cls(entries, values, text)
 
     @classmethod
     def from_elf_notes(cls, notes: bytes) -> VmcoreInfo:

@@ -7,6 +7,7 @@ Mirrors arch/x86/include/asm/pgtable_types.h (entry bits), arch/x86/include/asm/
 
 from __future__ import annotations
 
+import re
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -462,6 +463,91 @@ class KernelLayout:
         return offset // self.sizeof_page
 
 
+#: ``KERNEL_IMAGE_SIZE`` with CONFIG_RANDOMIZE_BASE (arch/x86/include/asm/page_64_types.h):
+#: the kernel image mapping ``__START_KERNEL_map`` covers at most this much.
+KERNEL_IMAGE_SIZE = 1 << 30
+_IOMEM_KERNEL = re.compile(r"^ *([0-9a-f]+)-([0-9a-f]+) : Kernel (?:code|rodata|data|bss)$", re.M)
+#: Levels whose absent entry leaves this much unmapped (x86_64 entry spans).
+_SPAN = {"PML5": 1 << 48, "PML4": 1 << 39, "PDPT": 1 << 30, "PD": 1 << 21, "PT": 1 << 12}
+
+
+class KernelImageMap(NamedTuple):
+    """The kernel image's own mapping at ``__START_KERNEL_map``: ``size`` bytes at virtual
+    ``vaddr`` and physical ``paddr``, and where the bounds came from."""
+
+    vaddr: int
+    paddr: int
+    size: int
+    source: str
+
+
+def kernel_image_map(
+    memory: PhysicalMemory, vmcoreinfo: VmcoreInfo, paging: X86_64Paging, iomem: str | None
+) -> KernelImageMap:
+    """Where the kernel image lies, physically and in its ``__START_KERNEL_map`` mapping, as
+    the kernel-text PT_LOAD of /proc/vmcore describes it (kexec-tools takes the physical
+    bounds from the "Kernel code" .. "Kernel bss" lines of /proc/iomem).
+
+    The bounds come from ``iomem`` when it has those lines; else from the page tables: the
+    first and last pages mapped in ``[__START_KERNEL_map, + KERNEL_IMAGE_SIZE)`` at
+    ``__pa_symbol()`` distance (cleanup_highmap() leaves ``_text`` .. ``_brk_end`` rounded
+    to 2 MiB mapped there). Either way the first page must translate to its
+    ``__pa_symbol()`` address.
+
+    :raises ImageError: no ``NUMBER(phys_base)``, or no mapping that checks.
+    """
+    phys_base = vmcoreinfo.phys_base
+    if phys_base is None:
+        raise ImageError("VMCOREINFO has no NUMBER(phys_base)")
+    delta = (START_KERNEL_MAP - phys_base) & _U64  # vaddr = paddr + delta
+    spans = [(int(a, 16), int(b, 16) + 1) for a, b in _IOMEM_KERNEL.findall(iomem or "")]
+    if spans:
+        lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
+        if hi - lo > KERNEL_IMAGE_SIZE:
+            raise ImageError(
+                f"iomem's Kernel code .. bss lines span {hi - lo:#x} bytes, more than the "
+                f"{KERNEL_IMAGE_SIZE:#x} the kernel image mapping holds"
+            )
+        vaddr = (lo + delta) & _U64
+        try:
+            first = paging.translate(vaddr).paddr
+        except (ImageError, PageNotCaptured) as exc:
+            raise ImageError(
+                f"the kernel image at {vaddr:#x} (from iomem) is not mapped: {exc}"
+            ) from None
+        if first != lo:
+            raise ImageError(
+                f"the kernel image at {vaddr:#x} maps to {first:#x}, not to {lo:#x} as iomem's "
+                "'Kernel code' and phys_base say"
+            )
+        return KernelImageMap(vaddr, lo, hi - lo, "iomem")
+    start = end = None
+    vaddr = START_KERNEL_MAP
+    while vaddr < START_KERNEL_MAP + KERNEL_IMAGE_SIZE:
+        try:
+            t = paging.translate(vaddr)
+        except TranslationError as exc:  # not present (or a reserved bit) at exc.level
+            span = _SPAN.get(exc.level, _SPAN["PD"])
+            vaddr += span - vaddr % span
+            continue
+        except (ImageError, PageNotCaptured):
+            # A table page the image lacks: skip what a page-table page maps at least,
+            # so a kernel whose tables are gone costs 512 steps, not 262144.
+            vaddr += _SPAN["PD"] - vaddr % _SPAN["PD"]
+            continue
+        step = t.page_size - vaddr % t.page_size
+        if (t.paddr + delta) & _U64 == vaddr:
+            start = vaddr if start is None else start
+            end = vaddr + step
+        vaddr += step
+    if start is None or end is None:
+        raise ImageError(
+            f"nothing in the kernel image mapping at {START_KERNEL_MAP:#x} maps to its "
+            f"__pa_symbol() address (phys_base {phys_base:#x})"
+        )
+    return KernelImageMap(start, (start - delta) & _U64, end - start, "page tables")
+
+
 def _probe_page(memory: PhysicalMemory) -> int | None:
     """A captured RAM page to check direct-map candidates against, above 1 MiB if any."""
     ranges = memory.ranges()
@@ -566,6 +652,13 @@ class Profile:
         """The walker for the kernel's own page tables, found through VMCOREINFO."""
         top, levels, sme_mask = top_table_from_vmcoreinfo(vmcoreinfo)
         return X86_64Paging(memory, top, levels, sme_mask)
+
+    @staticmethod
+    def kernel_image_map(
+        memory: PhysicalMemory, vmcoreinfo: VmcoreInfo, paging: X86_64Paging, iomem: str | None
+    ) -> KernelImageMap:
+        """See :func:`kernel_image_map`."""
+        return kernel_image_map(memory, vmcoreinfo, paging, iomem)
 
     @staticmethod
     def check_machine(

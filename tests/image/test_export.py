@@ -14,7 +14,7 @@ from collector.image.elfcore import ElfCore
 from collector.image.export import ExportSummary, export_elf, export_lime, export_raw
 from collector.image.lime import LimeImage
 from collector.image.sparse import SparseMemory
-from collector.memory import Fate, PageFate
+from collector.memory import Fate, PageFate, PageNotCaptured
 
 
 def pattern(n: int, seed: int) -> bytes:
@@ -104,6 +104,26 @@ def parse_elf(data: bytes) -> tuple[int, list[tuple]]:
     ]
 
 
+def parse_notes(data: bytes, off: int, size: int) -> list[tuple[bytes, int, bytes]]:
+    """(name, type, desc) of each note in a PT_NOTE segment, 4-byte aligned."""
+    notes = []
+    end = off + size
+    while off < end:
+        namesz, descsz, type_ = struct.unpack_from("<III", data, off)
+        off += 12
+        name = data[off : off + namesz].rstrip(b"\0")
+        off += (namesz + 3) // 4 * 4
+        notes.append((name, type_, data[off : off + descsz]))
+        off += (descsz + 3) // 4 * 4
+    return notes
+
+
+# The page-fates note of memory(): version 1, page size 4096, then (paddr, pages, fate,
+# errno) for page 0x2000 (unreadable, EIO) and page 0x101000 (excluded).
+FATES_NOTE = struct.pack("<II", 1, 4096) + struct.pack("<QQIi", 0x2000, 1, 1, errno.EIO)
+FATES_NOTE += struct.pack("<QQIi", 0x101000, 1, 4, 0)
+
+
 def test_export_elf_layout_and_round_trip():
     out = io.BytesIO()
     summary = export_elf(memory(), out, vmcoreinfo=VMCOREINFO, page_offset_base=BASE)
@@ -112,11 +132,15 @@ def test_export_elf_layout_and_round_trip():
     phnum, phdrs = parse_elf(data)
     assert phnum == 4
     p_type, _, off, vaddr, paddr, filesz, memsz, _ = phdrs[0]
-    note_size = 12 + 12 + (len(VMCOREINFO) + 3) // 4 * 4
+    note_size = (12 + 12 + (len(VMCOREINFO) + 3) // 4 * 4) + (12 + 12 + len(FATES_NOTE))
     assert (p_type, vaddr, paddr, filesz, memsz) == (4, 0, 0, note_size, note_size)
     # The VMCOREINFO note: namesz 11, descsz, type 0, "VMCOREINFO\0" padded to 12, the text.
     assert data[off : off + 24] == struct.pack("<III", 11, len(VMCOREINFO), 0) + b"VMCOREINFO\0\0"
     assert data[off + 24 : off + 24 + len(VMCOREINFO)] == VMCOREINFO
+    assert parse_notes(data, off, filesz) == [
+        (b"VMCOREINFO", 0, VMCOREINFO),
+        (b"COLLECTOR", 0x434F4C03, FATES_NOTE),
+    ]
     for (p_type, _, off, vaddr, paddr, filesz, memsz, _), start in zip(
         phdrs[1:], EXPECTED, strict=True
     ):
@@ -133,16 +157,34 @@ def test_export_elf_layout_and_round_trip():
     core = ElfCore(io.BytesIO(data))
     assert core.problems == []
     assert core.ranges() == memory().ranges()
-    for start, expected in EXPECTED.items():
-        assert core.read(start, len(expected)) == expected
-        assert core.read_virtual(BASE + start, 16) == expected[:16]
+    assert core.read_virtual(BASE + 0x1000, 16) == P1[:16]
+    # The pages not read come back with their fate, the others with their bytes.
+    for start, data_ in {0x1000: P1, 0x10000: P2, 0x100000: P3}.items():
+        for page in range(start, start + len(data_), 0x1000):
+            want = FATES.get(page)
+            if want is None:
+                n = min(0x1000, start + len(data_) - page)
+                assert core.read(page, n) == data_[page - start : page - start + n]
+                assert core.fate(page) == PageFate(Fate.READ)
+            else:
+                assert core.fate(page) == want
+                with pytest.raises(PageNotCaptured) as e:
+                    core.read(page - 8, 16)
+                assert (e.value.paddr, e.value.fate) == (page, want.fate)
+    assert core.readable_ranges() == [
+        (0x1000, 0x2000), (0x3000, 0x4000), (0x10000, 0x11800), (0x100000, 0x101000)
+    ]  # fmt: skip
     assert core.blob("vmcoreinfo") == VMCOREINFO
     assert core.metadata["direct_map_base"] == BASE
+    # Exported again, the core gives the same file: the fates survive the round trip.
+    again = io.BytesIO()
+    check_summary(export_elf(core, again, vmcoreinfo=VMCOREINFO, page_offset_base=BASE))
+    assert again.getvalue() == data
 
 
 def test_export_elf_without_vmcoreinfo_or_base():
     out = io.BytesIO()
-    export_elf(memory(), out)
+    export_elf(SparseMemory({0x1000: P1, 0x10000: P2, 0x100000: P3}), out)
     phnum, phdrs = parse_elf(out.getvalue())
     assert phnum == 3
     assert [(p[0], p[3], p[4]) for p in phdrs] == [
@@ -230,7 +272,7 @@ class FullDisk(io.RawIOBase):
 def test_write_failure_is_one_line():
     with pytest.raises(CollectorError) as e:
         export_lime(memory(), FullDisk())
-    assert str(e.value) == "out.lime: write failed: No space left on device"
+    assert str(e.value) == "out.lime: write failed at byte 0: No space left on device"
 
 
 def test_raw_export_refuses_addresses_beyond_any_file_offset(tmp_path):
@@ -242,3 +284,138 @@ def test_raw_export_refuses_addresses_beyond_any_file_offset(tmp_path):
         "memory at 0x8000000000000000-0x800000000000000f lies beyond the largest offset a raw "
         "file can have (2^63 - 1); export it as LiME or ELF instead"
     )
+
+
+class LimitedFile(io.RawIOBase):
+    """A seekable raw file that holds at most ``limit`` bytes, as a file under ``ulimit -f``
+    or on a disk filling up: the write crossing the limit stores what fits and returns that
+    count (short, no error), the next one fails with ``errno_``."""
+
+    def __init__(self, limit: int, errno_: int, name: str = "out.img") -> None:
+        self.limit = limit
+        self.errno_ = errno_
+        self.name = name
+        self.data = bytearray()
+        self.pos = 0
+        self.calls: list[tuple[int, int]] = []  # (asked, written)
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        assert whence == 0
+        self.pos = offset
+        return offset
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self.pos if size is None else size
+        if size > self.limit and self.errno_ == errno.EFBIG:  # ftruncate(2) past RLIMIT_FSIZE
+            raise OSError(self.errno_, os.strerror(self.errno_))
+        self.data[size:] = b""
+        self.data.extend(bytes(size - len(self.data)))
+        return size
+
+    def write(self, b) -> int:
+        n = min(len(b), self.limit - self.pos)
+        if n <= 0:
+            self.calls.append((len(b), -1))
+            raise OSError(self.errno_, os.strerror(self.errno_))
+        end = self.pos + n
+        self.data.extend(bytes(max(0, end - len(self.data))))
+        self.data[self.pos : end] = bytes(b)[:n]
+        self.pos = end
+        self.calls.append((len(b), n))
+        return n
+
+
+def _export(fmt: str, mem, out) -> ExportSummary:
+    if fmt == "lime":
+        return export_lime(mem, out)
+    if fmt == "raw":
+        return export_raw(mem, out)
+    return export_elf(mem, out, vmcoreinfo=VMCOREINFO, page_offset_base=BASE)
+
+
+def _whole(fmt: str) -> bytes:
+    if fmt == "raw":
+        f = LimitedFile(1 << 30, errno.EFBIG)
+        export_raw(memory(), f)
+        return bytes(f.data)
+    out = io.BytesIO()
+    _export(fmt, memory(), out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["lime", "raw", "elf"])
+@pytest.mark.parametrize(
+    ("errno_", "reason"),
+    [(errno.ENOSPC, "No space left on device"), (errno.EFBIG, "File too large")],
+)
+def test_a_short_write_is_finished_and_the_failure_reported(fmt, errno_, reason):
+    whole = _whole(fmt)
+    # Cut 7 bytes before the end of the data: the last write comes back short without an
+    # error; only writing the rest again says why. (A raw file ends with a hole: the
+    # excluded page 0x101000, never written.)
+    limit = (0x101000 if fmt == "raw" else len(whole)) - 7
+    out = LimitedFile(limit, errno_, name=f"out.{fmt}")
+    with pytest.raises(CollectorError) as e:
+        _export(fmt, memory(), out)
+    assert str(e.value) == f"out.{fmt}: write failed at byte {limit}: {reason}"
+    assert bytes(out.data) == whole[:limit]
+    asked, written = out.calls[-2]
+    assert written == asked - 7 and out.calls[-1] == (7, -1)
+
+
+@pytest.mark.parametrize("fmt", ["lime", "raw", "elf"])
+def test_every_cut_point_is_an_error(fmt):
+    whole = _whole(fmt)
+    for limit in sorted({1, 31, 32, 33, 4095, 4096, len(whole) // 2, len(whole) - 1}):
+        out = LimitedFile(limit, errno.EFBIG)
+        at = limit
+        if fmt == "raw":
+            # Holes are not written: the first write past the limit is at the next data,
+            # and a limit inside the final hole stops the truncate that sets the size.
+            at = next((s for s in (0x1000, 0x3000, 0x10000, 0x100000) if s >= limit), 0x101000)
+            at = max(at, limit) if limit < 0x101000 else 0x101000
+        with pytest.raises(CollectorError, match=f"write failed at byte {at}: File too large"):
+            _export(fmt, memory(), out)
+    out = LimitedFile(len(whole), errno.EFBIG)
+    _export(fmt, memory(), out)  # exactly enough room: no error
+    assert bytes(out.data) == whole
+
+
+class SilentSink(io.RawIOBase):
+    """A stream that takes nothing and says so only by returning 0, or None."""
+
+    name = "sink"
+
+    def __init__(self, answer: int | None) -> None:
+        self.answer = answer
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int | None:
+        return self.answer
+
+
+@pytest.mark.parametrize(("answer", "what"), [(0, "wrote nothing"), (None, "would block")])
+def test_a_stream_that_takes_nothing_is_an_error(answer, what):
+    with pytest.raises(CollectorError) as e:
+        export_lime(memory(), SilentSink(answer))
+    assert str(e.value) == (
+        f"sink: write failed at byte 0: the output {what} (32 bytes left to write)"
+    )
+
+
+def test_nonzero_finds_one_byte_anywhere():
+    from collector.image.export import _nonzero
+
+    assert not _nonzero(b"") and not _nonzero(bytes(3 << 20))
+    for at in (0, 4095, 1 << 20, (3 << 20) - 1):
+        data = bytearray(3 << 20)
+        data[at] = 1
+        assert _nonzero(memoryview(data)), at
