@@ -93,7 +93,7 @@ KINDS = {
     "not an image": (
         _random,
         "{path}: not a memory image: it starts with 23 62 0b 01 de ad be ef, the magic of no "
-        "format read here (collector image, LiME, ELF core, kdump-compressed); a raw memory "
+        "format read here (collector image, LiME, AVML, ELF core, kdump-compressed); a raw memory "
         "file needs --image-format raw",
         6,
     ),

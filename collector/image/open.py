@@ -89,7 +89,7 @@ def not_an_image(path: str | os.PathLike[str], head: bytes) -> NotAnImage:
     return NotAnImage(
         os.fsdecode(path),
         f"it starts with {head[:8].hex(' ')}, the magic of no format read here (collector "
-        "image, LiME, ELF core, kdump-compressed); a raw memory file needs --image-format raw",
+        "image, LiME, AVML, ELF core, kdump-compressed); a raw memory file needs --image-format raw",
     )
 
 

@@ -85,7 +85,7 @@ def test_unknown_format_message(tmp_path):
         open_image(path)
     assert str(e.value) == (
         f"{path}: not a memory image: it starts with 4d 5a 90 00 72 65 73 74, the magic of no "
-        "format read here (collector image, LiME, ELF core, kdump-compressed); a raw memory "
+        "format read here (collector image, LiME, AVML, ELF core, kdump-compressed); a raw memory "
         "file needs --image-format raw"
     )
     assert e.value.exit_code == 6
