@@ -8,9 +8,9 @@ disturbed by other work on a shared machine than the wall time), both as ratios 
 `zstd -dc` writing to the same place, and its peak RSS. GNU time's wall time has 10 ms
 steps.
 
-    python bench/export.py [IMAGE] [--runs 5] [--dir DIR] [--code TREE]
+    python bench/export.py IMAGE [--runs 5] [--dir DIR] [--code TREE]
 
-IMAGE defaults to /work/images/6.12/image.lime.zst. Outputs go to a temporary directory
+IMAGE is a native image (python -m tools.vm try makes one). Outputs go to a temporary directory
 in DIR (default: the system's temporary directory) and are removed. An export to a file
 ends with an fsync (it is put in place only once it is on disk), which `zstd -dc > FILE`
 does not do: its baseline is `zstd -dc > FILE && sync FILE`. `--code` runs another source
@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_IMAGE = "/work/images/6.12/image.lime.zst"
 
 
 def run(cmd: str, env: dict, report: str, cwd: str) -> tuple[float, float, int]:
@@ -55,7 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("image", nargs="?", default=DEFAULT_IMAGE)
+    ap.add_argument("image", help="a native image of a real kernel")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--dir", default=None)
     ap.add_argument(
