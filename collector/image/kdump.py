@@ -34,7 +34,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import numpy as np
 import zstandard
 
 from collector.elf import VMCOREINFO_NOTE_NAME, find_note, parse_notes
@@ -81,7 +80,9 @@ MAX_VMCOREINFO = 1 << 20
 CACHE_PAGES = 512
 #: Bits of the 2nd bitmap per entry of the rank table (a descriptor index per 4096 pages).
 _RANK_BITS = 4096
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+#: Set bits of each byte value (for the rank table), and numpy itself, loaded on first use:
+#: every command opens images through this module's signatures, and most never read a dump.
+_POPCOUNT = [bin(i).count("1") for i in range(256)]
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,8 @@ def _text(raw: bytes) -> str:
 
 def _bit_runs(bitmap: bytes) -> Iterator[tuple[int, int]]:
     """Runs of set bits (bit ``i & 7`` of byte ``i >> 3``) as ``(first, end)``, end exclusive."""
+    import numpy as np
+
     chunk = 1 << 20
     open_at: int | None = None
     for base in range(0, len(bitmap), chunk):
@@ -280,6 +283,8 @@ class KdumpImage(FileImage):
 
     def _build_rank(self) -> None:
         """``_rank[i]``: descriptors before page frame ``i * _RANK_BITS`` (last: the total)."""
+        import numpy as np
+
         step = _RANK_BITS // 8
         counts = [0]
         total = 0
@@ -287,7 +292,11 @@ class KdumpImage(FileImage):
         for base in range(0, len(self._bitmap2), chunk):
             part = np.frombuffer(self._bitmap2[base : base + chunk], dtype=np.uint8)
             part = np.concatenate([part, np.zeros((-len(part)) % step, np.uint8)])
-            per_block = _POPCOUNT[part].reshape(-1, step).sum(axis=1, dtype=np.int64)
+            per_block = (
+                np.array(_POPCOUNT, dtype=np.uint8)[part]
+                .reshape(-1, step)
+                .sum(axis=1, dtype=np.int64)
+            )
             for n in np.cumsum(per_block).tolist():
                 counts.append(total + n)
             total = counts[-1]
@@ -427,6 +436,8 @@ class KdumpImage(FileImage):
     def fate_runs(self) -> Iterator[FateRun]:
         """Runs of pages inside :meth:`ranges` that are not READ: EXCLUDED, and MISSING
         where the dump was cut short, in address order."""
+        import numpy as np
+
         page = self.page_size
         b1 = np.frombuffer(self._bitmap1, dtype=np.uint8)
         b2 = np.frombuffer(self._bitmap2, dtype=np.uint8)
