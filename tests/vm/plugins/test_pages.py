@@ -129,40 +129,33 @@ def table_pages(kernel: Kernel, top: int, kernel_half: bool = False) -> set[int]
     return found
 
 
-def capture_tables(capture: Capture, kernel: Kernel) -> set[int]:
-    """Page-table pages of the processes that lived only during the capture (collect itself,
-    and the process that sampled its memory): the capture's own page tables."""
-    steady = {
-        pid
-        for pid, p in capture.before["processes"].items()
-        if capture.after["processes"].get(pid, {}).get("starttime") == p["starttime"]
-    }
-    pfns: set[int] = set()
-    for task in for_each_process(kernel):
-        if str(task.pid.value()) in steady or task.mm.is_null():
-            continue
-        # A process that exited while its task or tables were being read leaves a torn
-        # record (an mm freed and reused): its tables cannot be found, so they stay unknown,
-        # which can only make the comparison below stricter, never looser.
-        try:
-            pfns |= table_pages(kernel, kernel.translate(task.mm.pgd.value()).paddr)
-        except CollectorError as error:
-            print(f"pid {task.pid.value()}: page tables not walkable ({error})")
-    return pfns
-
-
-def process_tables(kernel: Kernel) -> set[int]:
-    """Page-table pages reachable from the user half of every process's top table in the
-    image (a process torn while it exited is skipped)."""
-    pfns: set[int] = set()
+def process_tables(kernel: Kernel) -> dict[int, set[int]]:
+    """Per process in the image, by PID, the page-table pages reachable from the user half of
+    its top table. A process that exited while its task or tables were being read leaves a
+    torn record (an mm freed and reused): its tables cannot be found, so they stay unknown,
+    which can only make the comparisons below stricter, never looser."""
+    tables: dict[int, set[int]] = {}
     for task in for_each_process(kernel):
         if task.mm.is_null():
             continue
         try:
-            pfns |= table_pages(kernel, kernel.translate(task.mm.pgd.value()).paddr)
-        except CollectorError:
-            continue
-    return pfns
+            tables[task.pid.value()] = table_pages(
+                kernel, kernel.translate(task.mm.pgd.value()).paddr
+            )
+        except CollectorError as error:
+            print(f"pid {task.pid.value()}: page tables not walkable ({error})")
+    return tables
+
+
+def capture_tables(capture: Capture, tables: dict[int, set[int]]) -> set[int]:
+    """Of ``tables``, those of the processes that lived only during the capture (collect
+    itself, and the process that sampled its memory): the capture's own page tables."""
+    steady = {
+        int(pid)
+        for pid, p in capture.before["processes"].items()
+        if capture.after["processes"].get(pid, {}).get("starttime") == p["starttime"]
+    }
+    return {pfn for pid, pfns in tables.items() if pid not in steady for pfn in pfns}
 
 
 def class_pages(counts: object, *names: str) -> int:
@@ -247,7 +240,8 @@ def check_stable_classes(capture: Capture, kernel: Kernel) -> None:
     # page the image shows as a table of the kernel's own (vmalloc's, which reading
     # /proc/kcore grows), typed as one, that kpageflags called no table before nor after,
     # was made and freed during the capture too.
-    own = np.array(sorted(capture_tables(capture, kernel)), dtype=np.int64)
+    tables = process_tables(kernel)
+    own = np.array(sorted(capture_tables(capture, tables)), dtype=np.int64)
     free[own[own < n]] = True
     pgtable = (((before[:n] | after[:n]) >> KPF["PGTABLE"]) & 1) == 1
     kernel_tables = np.array(
@@ -264,7 +258,7 @@ def check_stable_classes(capture: Capture, kernel: Kernel) -> None:
     # tables read before it exited and its task after. Such orphans are fewer than the tables
     # the live processes reach; a classifier that typed pages as tables at random would
     # make far more.
-    user_tables = process_tables(kernel)
+    user_tables = set().union(*tables.values())
     reachable = np.array(sorted(user_tables | set(kernel_tables.tolist())), dtype=np.int64)
     typed_tables = np.nonzero(classes[:n] == CODE["pagetable"])[0]
     orphans = typed_tables[~np.isin(typed_tables, reachable) & ~pgtable[typed_tables]]
