@@ -27,6 +27,42 @@ MAX_REF_DEPTH = 64
 MAX_NESTING = 64
 
 
+def btf_magic_version(head: bytes, what: str) -> tuple[str, int]:
+    """The byte order (``"<"`` or ``">"``) and ``hdr_len`` of a BTF header whose magic and
+    version check out; at least its first 8 bytes are needed.
+
+    :param what: what the errors call the BTF (``"BTF"``, ``"BTF in memory"``).
+    :raises ImageError: bad magic or a version other than 1.
+    """
+    if head[:2] == b"\x9f\xeb":
+        e = "<"
+    elif head[:2] == b"\xeb\x9f":
+        e = ">"
+    else:
+        raise ImageError(f"{what}: bad magic {head[:2].hex()} (expected 0xeB9F)")
+    version, _flags, hdr_len = struct.unpack_from(e + "BBI", head, 2)
+    if version != BTF_VERSION:
+        raise ImageError(f"{what}: unsupported version {version}")
+    return e, hdr_len
+
+
+def btf_check_sections(
+    type_off: int, type_len: int, str_off: int, str_len: int, body: int, what: str
+) -> None:
+    """The type and string sections lie inside the ``body`` bytes after the header and do
+    not overlap (btf_check_sec_info(), kernel/bpf/btf.c).
+
+    :raises ImageError: naming ``what`` and the section.
+    """
+    for name, off, length in (("type", type_off, type_len), ("string", str_off, str_len)):
+        if off + length > body:
+            raise ImageError(
+                f"{what}: {name} section {off}+{length} exceeds the {body} bytes after the header"
+            )
+    if type_off < str_off + str_len and str_off < type_off + type_len:
+        raise ImageError(f"{what}: type and string sections overlap")
+
+
 class Kind(IntEnum):
     """BTF_KIND_* from include/uapi/linux/btf.h."""
 
@@ -248,31 +284,13 @@ class BTF:
         data = bytes(data)
         if len(data) < 8:
             raise ImageError(f"BTF: blob of {len(data)} bytes is too short for a header")
-        if data[:2] == b"\x9f\xeb":
-            e = "<"
-        elif data[:2] == b"\xeb\x9f":
-            e = ">"
-        else:
-            raise ImageError(f"BTF: bad magic {data[:2].hex()} (expected 0xeB9F)")
-        version, _flags, hdr_len = struct.unpack_from(e + "BBI", data, 2)
-        if version != BTF_VERSION:
-            raise ImageError(f"BTF: unsupported version {version}")
+        e, hdr_len = btf_magic_version(data, "BTF")
         if hdr_len < BTF_HEADER_SIZE:
             raise ImageError(f"BTF: header length {hdr_len} is shorter than {BTF_HEADER_SIZE}")
         if hdr_len > len(data):
             raise ImageError(f"BTF: header length {hdr_len} exceeds the blob ({len(data)} bytes)")
         type_off, type_len, str_off, str_len = struct.unpack_from(e + "IIII", data, 8)
-        total = len(data) - hdr_len
-        if type_off + type_len > total:
-            raise ImageError(
-                f"BTF: type section {type_off}+{type_len} exceeds the {total} bytes after the header"
-            )
-        if str_off + str_len > total:
-            raise ImageError(
-                f"BTF: string section {str_off}+{str_len} exceeds the {total} bytes after the header"
-            )
-        if type_off < str_off + str_len and str_off < type_off + type_len:
-            raise ImageError("BTF: type and string sections overlap")
+        btf_check_sections(type_off, type_len, str_off, str_len, len(data) - hdr_len, "BTF")
         s0 = hdr_len + str_off
         s1 = s0 + str_len
         # The first string is the empty one and every string is NUL-terminated, so a name

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from collector.errors import CollectorError, ImageError
-from collector.kernel.btf import BTF, BTF_HEADER_SIZE, BTF_VERSION
+from collector.kernel.btf import BTF, BTF_HEADER_SIZE, btf_check_sections, btf_magic_version
 from collector.kernel.symbols import SymbolTable
 
 #: The largest section believed: vmlinux BTF is 4-6 MB for distribution kernels and stays
@@ -51,15 +51,7 @@ def check_btf_header(head: bytes, section_size: int) -> int:
     """
     if len(head) < BTF_HEADER_SIZE:
         raise ImageError(f"BTF in memory: {len(head)} bytes are too few for a header")
-    if head[:2] == b"\x9f\xeb":
-        e = "<"
-    elif head[:2] == b"\xeb\x9f":
-        e = ">"
-    else:
-        raise ImageError(f"BTF in memory: bad magic {head[:2].hex()} (expected 0xeB9F)")
-    version, _flags, hdr_len = struct.unpack_from(e + "BBI", head, 2)
-    if version != BTF_VERSION:
-        raise ImageError(f"BTF in memory: unsupported version {version}")
+    e, hdr_len = btf_magic_version(head, "BTF in memory")
     if not BTF_HEADER_SIZE <= hdr_len <= min(MAX_HDR_LEN, section_size):
         raise ImageError(
             f"BTF in memory: header length {hdr_len} is not within"
@@ -67,14 +59,7 @@ def check_btf_header(head: bytes, section_size: int) -> int:
         )
     type_off, type_len, str_off, str_len = struct.unpack_from(e + "IIII", head, 8)
     body = section_size - hdr_len
-    for what, off, length in (("type", type_off, type_len), ("string", str_off, str_len)):
-        if off + length > body:
-            raise ImageError(
-                f"BTF in memory: {what} section {off}+{length} exceeds the {body} bytes"
-                " after the header"
-            )
-    if type_off < str_off + str_len and str_off < type_off + type_len:
-        raise ImageError("BTF in memory: type and string sections overlap")
+    btf_check_sections(type_off, type_len, str_off, str_len, body, "BTF in memory")
     if type_len + str_len != body:
         raise ImageError(
             f"BTF in memory: header and sections ({hdr_len}+{type_len}+{str_len} bytes) do"
