@@ -18,40 +18,9 @@ from collector.helpers.fs import (
 )
 from collector.kernel.object import Object
 from collector.testing import SyntheticKernel
+from collector.testing.fs import FS, new_dentry
 
-DECLARATIONS = """
-struct hlist_bl_node { struct hlist_bl_node *next, **pprev; };
-struct hlist_node { struct hlist_node *next, **pprev; };
-struct qstr {
-    union { struct { u32 hash; u32 len; }; u64 hash_len; };
-    const unsigned char *name;
-};
-struct inode { unsigned int i_mode; unsigned long i_ino; };
-struct dentry;
-struct dentry_operations {
-    int (*d_revalidate)(struct dentry *, unsigned int);
-    char *(*d_dname)(struct dentry *, char *, int);
-};
-struct dentry {
-    unsigned int d_flags;
-    struct hlist_bl_node d_hash;
-    struct dentry *d_parent;
-    struct qstr d_name;
-    struct inode *d_inode;
-    unsigned char d_iname[40];
-    const struct dentry_operations *d_op;
-};
-struct vfsmount { struct dentry *mnt_root; void *mnt_sb; int mnt_flags; };
-struct mount {
-    struct hlist_node mnt_hash;
-    struct mount *mnt_parent;
-    struct dentry *mnt_mountpoint;
-    struct vfsmount mnt;
-    void *mnt_ns;
-};
-struct path { struct vfsmount *mnt; struct dentry *dentry; };
-struct fs_struct { int users; struct path root, pwd; };
-"""
+DECLARATIONS = FS
 
 TEXT = 0xFFFFFFFF81000000
 
@@ -67,16 +36,7 @@ class Tree:
         self, name: bytes, parent: int | None = None, hashed: bool = True, **values: int
     ) -> int:
         """A dentry named ``name`` under ``parent`` (None: its own parent, a root)."""
-        sk = self.sk
-        d = sk.new("struct dentry", **values)
-        text = sk.alloc(len(name) + 1, 1)
-        sk.write(text, name + b"\0")
-        sk.set(d, "struct dentry", "d_parent", d if parent is None else parent)
-        sk.set(d, "struct dentry", "d_name.len", len(name))
-        sk.set(d, "struct dentry", "d_name.name", text)
-        if hashed:  # in the dcache hash: d_hash.pprev points at the previous link
-            sk.set(d, "struct dentry", "d_hash.pprev", d)
-        return d
+        return new_dentry(self.sk, name, parent, hashed, **values)
 
     def mount(self, root: int, parent: int | None = None, mountpoint: int | None = None) -> int:
         """A mount of the tree at ``root``, on ``mountpoint`` of mount ``parent`` (None: the

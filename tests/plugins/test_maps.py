@@ -19,6 +19,7 @@ from collector.errors import UsageError
 from collector.plugin_manager import PluginManager
 from collector.plugins import maps as maps_plugin
 from collector.testing import SyntheticKernel
+from collector.testing.fs import new_dentry
 from collector.testing.trees import MAPLE_TREE, XARRAY, mt_build, xa_build
 
 COMMON = """
@@ -146,16 +147,7 @@ class Machine:
             self.special[name] = sk.new("struct vm_special_mapping", name=text)
 
     def dentry(self, name: bytes, parent: int | None) -> int:
-        sk = self.sk
-        d = sk.new("struct dentry")
-        text = sk.alloc(len(name) + 1, 1)
-        sk.write(text, name + b"\0")
-        sk.set(d, "struct dentry", "d_parent", d if parent is None else parent)
-        sk.set(d, "struct dentry", "d_name.len", len(name))
-        sk.set(d, "struct dentry", "d_name.name", text)
-        if parent is not None:
-            sk.set(d, "struct dentry", "d_hash.pprev", d)  # hashed: not deleted
-        return d
+        return new_dentry(self.sk, name, parent, hashed=parent is not None)
 
     def file(self, path: str, dev: str, ino: int) -> int:
         if path not in self.files:

@@ -16,40 +16,7 @@ from collector.memory import Fate
 from collector.plugin_manager import PluginManager
 from collector.plugins import tasks as tasks_plugin
 from collector.testing import SyntheticKernel
-
-FS = """
-struct hlist_bl_node { struct hlist_bl_node *next, **pprev; };
-struct hlist_node { struct hlist_node *next, **pprev; };
-struct qstr {
-    union { struct { u32 hash; u32 len; }; u64 hash_len; };
-    const unsigned char *name;
-};
-struct inode { unsigned int i_mode; unsigned long i_ino; };
-struct dentry;
-struct dentry_operations {
-    int (*d_revalidate)(struct dentry *, unsigned int);
-    char *(*d_dname)(struct dentry *, char *, int);
-};
-struct dentry {
-    unsigned int d_flags;
-    struct hlist_bl_node d_hash;
-    struct dentry *d_parent;
-    struct qstr d_name;
-    struct inode *d_inode;
-    unsigned char d_iname[40];
-    const struct dentry_operations *d_op;
-};
-struct vfsmount { struct dentry *mnt_root; void *mnt_sb; int mnt_flags; };
-struct mount {
-    struct hlist_node mnt_hash;
-    struct mount *mnt_parent;
-    struct dentry *mnt_mountpoint;
-    struct vfsmount mnt;
-    void *mnt_ns;
-};
-struct path { struct vfsmount *mnt; struct dentry *dentry; };
-struct fs_struct { int users; struct path root, pwd; };
-"""
+from collector.testing.fs import FS, new_dentry
 
 COMMON = (
     FS
@@ -170,16 +137,7 @@ class World:
         self.fs = sk.new("struct fs_struct", root__mnt=self.vfsmount, root__dentry=self.root)
 
     def dentry(self, name: bytes, parent: int | None) -> int:
-        sk = self.sk
-        d = sk.new("struct dentry")
-        text = sk.alloc(len(name) + 1, 1)
-        sk.write(text, name + b"\0")
-        sk.set(d, "struct dentry", "d_parent", d if parent is None else parent)
-        sk.set(d, "struct dentry", "d_name.len", len(name))
-        sk.set(d, "struct dentry", "d_name.name", text)
-        if parent is not None:
-            sk.set(d, "struct dentry", "d_hash.pprev", d)  # hashed: not deleted
-        return d
+        return new_dentry(self.sk, name, parent, hashed=parent is not None)
 
     def file(self, dentry: int) -> int:
         return self.sk.new("struct file", f_path__mnt=self.vfsmount, f_path__dentry=dentry)
