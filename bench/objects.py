@@ -70,27 +70,48 @@ def build(count: int) -> Kernel:
     return sk.kernel()
 
 
-def walk_objects(kernel: Kernel) -> list[Object]:
-    """``for_each_process`` by hand: every task after init_task, as Objects."""
+def walk_objects(kernel: Kernel, limit: int = MAX_TASKS) -> list[Object]:
+    """``for_each_process`` by hand: up to ``limit`` tasks after init_task, as Objects."""
     init = kernel.variable("init_task")
     head = init.tasks.address
     out = []
     node = init.tasks.next.value()
-    for _ in range(MAX_TASKS):
+    for _ in range(limit):
         if node == head:
             return out
         task = kernel.object("struct list_head", node).container_of("struct task_struct", "tasks")
         out.append(task)
         node = task.tasks.next.value()
+    if limit < MAX_TASKS:
+        return out
     raise RuntimeError("init_task.tasks does not close")
 
 
-def walk_raw(kernel: Kernel, init: int, tasks_at: int) -> int:
+def sound_prefix(kernel: Kernel) -> tuple[int, str]:
+    """How many tasks the list holds before it closes or tears, and what ended it.
+
+    A live capture is not atomic: a process that exits while memory is read can leave a
+    ``tasks.next`` pointing at freed memory. Both walks then stop where the tear starts.
+    """
+    try:
+        return len(walk_objects(kernel)), "closes"
+    except CollectorError:
+        pass
+    count = 0
+    while True:
+        try:
+            walk_objects(kernel, count + 1)
+        except CollectorError:
+            return count, "is torn (a process exited while memory was read)"
+        count += 1
+
+
+def walk_raw(kernel: Kernel, init: int, tasks_at: int, limit: int = MAX_TASKS) -> int:
     """The same walk with raw pointer reads and offsets worked out beforehand."""
     head = init + tasks_at
     node = kernel.read_pointer(head)
     n = 0
-    while node != head and n < MAX_TASKS:
+    while node != head and n < limit:
         n += 1
         node = kernel.read_pointer(node)
     return n
@@ -109,7 +130,8 @@ def rate(fn: Callable[[int], object], items: Iterable[int], seconds: float) -> f
 
 
 def measure(label: str, kernel: Kernel, seconds: float, sample: int) -> None:
-    tasks = walk_objects(kernel)
+    count, ending = sound_prefix(kernel)
+    tasks = walk_objects(kernel, count) if ending != "closes" else walk_objects(kernel)
     addresses = [t.address for t in tasks][:sample]
     t = kernel.type("struct task_struct")
     pid_at = t.member("pid")[0] // 8
@@ -119,6 +141,8 @@ def measure(label: str, kernel: Kernel, seconds: float, sample: int) -> None:
     few = addresses[: max(1, len(addresses) // 20)]
 
     print(f"\n{label}: {len(tasks):,} tasks, struct task_struct is {t.size:,} bytes")
+    if ending != "closes":
+        print(f"  init_task.tasks {ending} after {count:,} tasks: both walks stop there")
     reads = [
         ("kernel.read_u32(task + offset) (baseline)", rate(
             lambda a: kernel.read_u32(a + pid_at), addresses, seconds)),
@@ -136,9 +160,9 @@ def measure(label: str, kernel: Kernel, seconds: float, sample: int) -> None:
     init = kernel.symbol("init_task")
     walks = [
         ("walk with raw pointer reads (baseline)", rate(
-            lambda _: walk_raw(kernel, init, tasks_at), [0], seconds)),
+            lambda _: walk_raw(kernel, init, tasks_at, len(tasks)), [0], seconds)),
         ("walk with Objects (container_of, tasks.next)", rate(
-            lambda _: walk_objects(kernel), [0], seconds)),
+            lambda _: walk_objects(kernel, len(tasks)), [0], seconds)),
     ]  # fmt: skip
     base = walks[0][1]
     for name, per_second in walks:
