@@ -271,6 +271,11 @@ class BTF:
         self._scopes: dict[int, dict[str, tuple[int, Member]]] = {}
         self._resolved: dict[int, int] = {}
         self._scoping: set[int] = set()
+        #: What other layers derive from these types (construct definitions, member
+        #: lookups), by name. Kept here, not in module-level weak maps, so it is dropped with
+        #: the BTF: its entries hold the BTF themselves, and a weak map's values that refer to
+        #: their own key keep it alive for the life of the process.
+        self.derived: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ parsing
 

@@ -7,7 +7,6 @@ offsets BTF gives, so union members overlap and anonymous members are flattened 
 from __future__ import annotations
 
 import struct
-import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -441,16 +440,11 @@ class _Builder:
         return result
 
 
-# Definitions built per BTF, dropped with it.
-_CACHES: weakref.WeakKeyDictionary[BTF, dict[int, construct.Construct]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 def _cache(btf: BTF) -> dict[int, construct.Construct]:
-    cache = _CACHES.get(btf)
+    """Definitions built from one BTF, dropped with it."""
+    cache = btf.derived.get("constructs")
     if cache is None:
-        cache = _CACHES[btf] = {}
+        cache = btf.derived["constructs"] = {}
     return cache
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 import struct
-import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -225,16 +224,12 @@ class Type:
         return f"Type({str(self)!r})"
 
 
-# Member lookups per BTF, dropped with it: (aggregate type id, name) -> (bit, width, type).
-_MEMBERS: weakref.WeakKeyDictionary[BTF, dict[tuple[int, str], tuple[int, int, Type]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 def _member_cache(btf: BTF) -> dict[tuple[int, str], tuple[int, int, Type]]:
-    cache = _MEMBERS.get(btf)
+    """Member lookups of one BTF, dropped with it: (aggregate type id, name) -> (bit, width,
+    type)."""
+    cache = btf.derived.get("members")
     if cache is None:
-        cache = _MEMBERS[btf] = {}
+        cache = btf.derived["members"] = {}
     return cache
 
 

@@ -222,3 +222,22 @@ def test_a_flexible_char_array_reads_to_its_nul() -> None:
     name = kernel.object("struct anon_vma_name", at).name
     assert str(name.type) == "char [0]"
     assert name.string() == b"[anon:heap]" and name.string(5) == b"[anon"
+
+
+def test_a_kernel_and_what_its_objects_cached_are_freed_with_it(sk: SyntheticKernel) -> None:
+    """Member lookups and construct definitions are cached per BTF. A process that opens
+    image after image (a fleet sweep's worker) must not keep every image's types alive: the
+    caches hold Types that refer to their BTF, so they live on the BTF, not in a module-level
+    map keyed by it."""
+    import gc
+    import weakref
+
+    sk.global_("init_task", "struct task_struct", pid=7)
+    kernel = sk.kernel()
+    task = kernel.variable("init_task")
+    assert task.pid.value() == 7 and task.tasks.next.value() == 0
+    assert kernel.read_struct("task_struct", task.address).pid == 7
+    btf = weakref.ref(kernel.btf)
+    del kernel, task
+    gc.collect()
+    assert btf() is None
