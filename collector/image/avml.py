@@ -24,7 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from collector.errors import ImageError
+from collector.errors import ImageError, ImageTruncated, NotAnImage
 from collector.image.lime import (
     LIME_HEADER,
     LIME_HEADER_SIZE,
@@ -153,7 +153,7 @@ class AvmlImage(FileImage):
     def _walk(self) -> None:
         name, size = self._file.name, self._file.size
         if size == 0:
-            raise ImageError(f"{name}: empty file, not an AVML image")
+            raise NotAnImage(name, "the file is empty")
         pos = 0
         while pos < size:
             if len(self.avml_ranges) >= MAX_RANGES:
@@ -165,7 +165,9 @@ class AvmlImage(FileImage):
             head = self._file.read_at(pos, LIME_HEADER_SIZE)
             if len(head) < LIME_HEADER_SIZE:
                 if pos == 0:
-                    raise ImageError(f"{name}: {size} bytes, too short for an AVML image")
+                    raise ImageTruncated(
+                        name, f"the file ends at byte {size}, inside the first AVML range header"
+                    )
                 self._problem(
                     f"offset {pos:#x}: {len(head)} trailing bytes, too short for a range"
                     " header; ignored"
@@ -185,7 +187,7 @@ class AvmlImage(FileImage):
                 )
             if why is not None:
                 if pos == 0:
-                    raise ImageError(f"{name}: not an AVML image: {why}")
+                    raise NotAnImage(name, f"not an AVML image: {why}")
                 # Without a sound header the next one cannot be found: the rest is lost.
                 self._problem(
                     f"offset {pos:#x}: {why}; the remaining {size - pos} bytes are ignored"

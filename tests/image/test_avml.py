@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from collector.errors import ImageError
+from collector.errors import ImageError, ImageTruncated, NotAnImage
 from collector.image.avml import CACHE_CHUNKS, MAX_OTHER_CHUNKS, AvmlImage, AvmlRange
 from collector.image.open import open_image, sniff_file
 from collector.memory import Fate, PageFate, PageNotCaptured, PhysicalMemory
@@ -235,16 +235,26 @@ def test_a_bad_checksum_fails_the_read_that_needs_the_chunk(tmp_path: Path) -> N
 
 
 def test_what_is_not_avml_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ImageError) as e:
+    # The same kinds of failure, messages and exit statuses as every other format's
+    # (docs/image-format.md): not an image 6, truncated 3.
+    with pytest.raises(NotAnImage) as e:
         AvmlImage(write(tmp_path, b"AVML\x03\0\0\0" + bytes(24)))
     assert str(e.value) == (
-        f"{tmp_path / 'm.avml'}: not an AVML image: not an AVML (or LiME) range header:"
-        " 41 56 4d 4c 03 00 00 00"
+        f"{tmp_path / 'm.avml'}: not a memory image: not an AVML image: not an AVML (or LiME)"
+        " range header: 41 56 4d 4c 03 00 00 00"
     )
-    with pytest.raises(ImageError) as e:
+    assert e.value.exit_code == 6
+    with pytest.raises(ImageTruncated) as e:
         AvmlImage(write(tmp_path, b"AVML\x02\0\0\0"))
-    assert str(e.value) == f"{tmp_path / 'm.avml'}: 8 bytes, too short for an AVML image"
-    with pytest.raises(ImageError) as e:
+    assert str(e.value) == (
+        f"{tmp_path / 'm.avml'}: truncated: the file ends at byte 8, inside the first AVML"
+        " range header"
+    )
+    assert e.value.exit_code == 3
+    with pytest.raises(NotAnImage) as e:
+        AvmlImage(write(tmp_path, b""))
+    assert str(e.value) == f"{tmp_path / 'm.avml'}: not a memory image: the file is empty"
+    with pytest.raises(NotAnImage) as e:
         AvmlImage(write(tmp_path, header(0x2000, 0x1000)))
     assert "range ends (0x1000) before it starts (0x2000)" in str(e.value)
 
