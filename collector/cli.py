@@ -761,12 +761,21 @@ def command_parser(
     return top, {name: parser for name, parser in sub.choices.items()}
 
 
+#: Commands whose options may come between their positionals (`translate IMAGE --json ADDR`).
+INTERMIXED = {"translate"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         top, commands = command_parser(with_analysis=bool(argv) and argv[0] in ANALYSIS_COMMANDS)
         if argv and argv[0] in commands:
-            args = top.parse_args(argv)
+            if argv[0] in INTERMIXED:
+                # An optional positional after the image (translate's address) is only
+                # matched by plain parse_args when it comes before every option.
+                args = commands[argv[0]].parse_intermixed_args(argv[1:])
+            else:
+                args = top.parse_args(argv)
             return args.handler(args)
         args = capture_parser().parse_args(argv)
         return cmd_capture(args, argv)

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 
+from collector import cli
 from collector.acquire import session
 from collector.cli import main
 from collector.image.lime import iter_lime_ranges
@@ -330,3 +331,23 @@ def test_export_lime_raw_and_elf(strict, tmp_path, capsys):
     assert main(["export", str(image), "--to", "lime", "-o", str(lime)]) == 1
     assert "already exists" in one_line(capsys.readouterr().err)
     assert main(["export", str(image), "--to", "raw", "-o", "-"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "address", "pfn", "json_"),
+    [
+        (["IMG", "init_task"], "init_task", None, False),
+        (["IMG", "--json", "init_task"], "init_task", None, True),
+        (["--json", "IMG", "0xffffffff81000000"], "0xffffffff81000000", None, True),
+        (["IMG", "--image-format", "native", "init_task", "--json"], "init_task", None, True),
+        (["IMG", "--pfn", "0x10"], None, 16, False),
+    ],
+)
+def test_translate_takes_its_options_anywhere(monkeypatch, argv, address, pfn, json_) -> None:
+    """`collect translate IMAGE --json ADDRESS` once stopped at 'unrecognized arguments':
+    argparse matches an optional positional after the image only before any option."""
+    seen = []
+    monkeypatch.setattr(cli, "cmd_translate", lambda args: seen.append(args) or 0)
+    assert cli.main(["translate", *argv]) == 0
+    (args,) = seen
+    assert (args.image, args.address, args.pfn, args.json) == ("IMG", address, pfn, json_)
