@@ -139,6 +139,7 @@ from collector.hookspecs import Analysis, Field, Option, hookimpl
 from collector.kernel.kernel import Kernel
 from collector.kernel.object import Object, ObjectError, Type, container_of
 from collector.kernel.plausible import Implausible, plausible_int, plausible_text
+from collector.kernel.variables import tk_core_timekeeper_offset
 from collector.memory import Fate, PageNotCaptured
 
 __all__ = [
@@ -247,6 +248,7 @@ __all__ = [
     "taint_flags",
     "task_cred_ids",
     "task_state",
+    "tk_core_timekeeper_offset",
     "validate_list",
     "virt_to_page",
     "virt_to_pfn",

@@ -33,7 +33,7 @@ from collector.errors import CollectorError, ImageError
 from collector.kernel.btf import BTF, BTF_INT_BOOL, MAX_REF_DEPTH, Kind
 from collector.kernel.kernel import Kernel
 from collector.kernel.object import Type
-from collector.kernel.variables import GLOBALS, variable_type
+from collector.kernel.variables import GLOBALS, tk_core_timekeeper_offset, variable_type
 from collector.profiles.x86_64 import START_KERNEL_MAP
 
 #: The ISF format written. Volatility 3 picks a reader by major version and the highest minor
@@ -74,6 +74,13 @@ VOLATILITY_GLOBALS: dict[str, tuple[str, str]] = {
         "struct ftrace_ops",
         "kernel/trace/ftrace.c: struct ftrace_ops ftrace_list_end __read_mostly = {",
     ),
+    # Volatility's kallsyms reader sizes kallsyms_num_syms and kallsyms_markers by this
+    # symbol's type (unsigned long before 4.20, 80ffbaa5b1bd).
+    "kallsyms_num_syms": (
+        "unsigned int",
+        "kernel/kallsyms_internal.h: extern const unsigned int kallsyms_num_syms;",
+    ),
+    "cap_last_cap": ("int", "kernel/sysctl.c: static const int cap_last_cap = CAP_LAST_CAP;"),
     "socket_file_ops": (
         "const struct file_operations",
         "net/socket.c: static const struct file_operations socket_file_ops = {",
@@ -91,6 +98,24 @@ VOLATILITY_GLOBALS: dict[str, tuple[str, str]] = {
         "arch/x86/kernel/head64.c: unsigned long vmemmap_base __ro_after_init",
     ),
 }
+
+#: The /proc seq_file operations of the network protocols, which Volatility's check_afinfo
+#: checks point into the kernel; each is ``[static] const struct seq_operations NAME = {``.
+for _name, _source in (
+    ("raw_seq_ops", "net/ipv4/raw.c"),
+    ("udp_seq_ops", "net/ipv4/udp.c"),
+    ("arp_seq_ops", "net/ipv4/arp.c"),
+    ("unix_seq_ops", "net/unix/af_unix.c"),
+    ("udp6_seq_ops", "net/ipv6/udp.c"),
+    ("raw6_seq_ops", "net/ipv6/raw.c"),
+    ("tcp4_seq_ops", "net/ipv4/tcp_ipv4.c"),
+    ("tcp6_seq_ops", "net/ipv6/tcp_ipv6.c"),
+    ("packet_seq_ops", "net/packet/af_packet.c"),
+):
+    VOLATILITY_GLOBALS[_name] = (
+        "struct seq_operations",
+        f"{_source}: const struct seq_operations {_name} = {{",
+    )
 
 #: Linker-made section bounds, declared in include/asm-generic/sections.h as
 #: ``extern char _text[], _stext[], _etext[];`` and so on: DWARF types them ``char []``, and
@@ -504,6 +529,11 @@ def _symbols(kernel: Kernel, types: _Types, notes: list[str]) -> dict[str, dict[
                 name,
                 lambda n=name, s=spelling, src=source: _global(kernel, n, s, src),
             )
+    if "tk_core" in out and "type" not in out["tk_core"]:
+        try:
+            out["tk_core"]["type"] = _tk_core(kernel, types)
+        except CollectorError as exc:
+            notes.append(f"symbol tk_core left untyped: {exc}")
     char_array = {"kind": "array", "count": 0, "subtype": {"kind": "base", "name": "char"}}
     for name in SECTION_SYMBOLS:
         if name in out and "char" in types.base_types:
@@ -530,6 +560,38 @@ def _symbols(kernel: Kernel, types: _Types, notes: list[str]) -> dict[str, dict[
     # The whole array, NUL included, as dwarf2json copies it from .rodata.
     banner["constant_data"] = base64.b64encode(text + b"\0").decode()
     return out
+
+
+def _tk_core(kernel: Kernel, types: _Types) -> dict[str, Any]:
+    """The type of ``tk_core`` (kernel/time/timekeeping.c), which Volatility's boottime reads.
+
+    From 6.13 it is ``struct tk_data``. Before, it is a static anonymous
+    ``struct { seqcount_raw_spinlock_t seq; struct timekeeper timekeeper; }`` that BTF has no
+    record of (BTF types only per-CPU variables), so it is written out here as a user type,
+    named like dwarf2json's anonymous ones after a hash of its entry.
+    """
+    if kernel.btf.has_member("tk_data", "timekeeper"):
+        return types.type_descriptor(kernel.type("struct tk_data"))
+    seq_type = (
+        "seqcount_raw_spinlock_t"
+        if kernel.btf.has_member("seqcount_raw_spinlock", "seqcount")
+        else "seqcount_t"
+    )
+    seq = kernel.type(seq_type)
+    timekeeper = kernel.type("struct timekeeper")
+    at = tk_core_timekeeper_offset(kernel.btf)
+    entry = {
+        "kind": "struct",
+        "size": at + timekeeper.size,
+        "fields": {
+            "seq": {"offset": 0, "type": types.type_descriptor(seq)},
+            "timekeeper": {"offset": at, "type": types.type_descriptor(timekeeper)},
+        },
+    }
+    digest = hashlib.sha1(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
+    name = f"unnamed_{digest}"
+    types.user_types.setdefault(name, entry)
+    return {"kind": "struct", "name": name}
 
 
 def _unrelocated(address: int, kaslr_offset: int) -> int:

@@ -202,3 +202,20 @@ def percpu_variable_type(kernel: Kernel, name: str) -> Type:
     if var is None:
         raise NotApplicable(f"BTF has no per-CPU variable named {name!r}")
     return Type(btf, btf.type(var).ref or 0)
+
+
+def tk_core_timekeeper_offset(btf: BTF) -> int:
+    """Where ``struct timekeeper timekeeper`` sits inside ``tk_core``."""
+    # v6.13 "timekeeping: Define a struct type for tk_core to make it reusable" named the
+    # type struct tk_data.
+    if btf.has_member("tk_data", "timekeeper"):
+        return btf.offsetof("tk_data", "timekeeper")
+    # Before, tk_core is an anonymous struct { seq; struct timekeeper timekeeper; }, so the
+    # timekeeper follows seq, aligned to its 8-byte members (u64, ktime_t). v5.10
+    # "timekeeping: Use sequence counter with associated raw spinlock" made seq a
+    # seqcount_raw_spinlock_t; it was a seqcount_t before.
+    if btf.has_member("seqcount_raw_spinlock", "seqcount"):
+        seq = btf.sizeof("seqcount_raw_spinlock")
+    else:
+        seq = btf.sizeof("seqcount")
+    return (seq + 7) // 8 * 8

@@ -22,6 +22,7 @@ from collector.api import (
     NotApplicable,
     hookimpl,
     plausible_int,
+    tk_core_timekeeper_offset,
 )
 
 if TYPE_CHECKING:
@@ -161,23 +162,6 @@ def _init_uts_ns_without_btf(kernel: Kernel) -> dict[str, str]:
         .decode("utf-8", "backslashreplace")
         for i, member in enumerate(UTS_MEMBERS)
     }
-
-
-def tk_core_timekeeper_offset(btf: Any) -> int:
-    """Where ``struct timekeeper timekeeper`` sits inside ``tk_core``."""
-    # v6.13 "timekeeping: Define a struct type for tk_core to make it reusable" named the
-    # type struct tk_data.
-    if btf.has_member("tk_data", "timekeeper"):
-        return btf.offsetof("tk_data", "timekeeper")
-    # Before, tk_core is an anonymous struct { seq; struct timekeeper timekeeper; }, so the
-    # timekeeper follows seq, aligned to its 8-byte members (u64, ktime_t). v5.10
-    # "timekeeping: Use sequence counter with associated raw spinlock" made seq a
-    # seqcount_raw_spinlock_t; it was a seqcount_t before.
-    if btf.has_member("seqcount_raw_spinlock", "seqcount"):
-        seq = btf.sizeof("seqcount_raw_spinlock")
-    else:
-        seq = btf.sizeof("seqcount")
-    return (seq + 7) // 8 * 8
 
 
 def getboottime64(kernel: Kernel) -> int:

@@ -319,3 +319,46 @@ def test_no_banner_is_one_clear_error(tmp_path, monkeypatch, capsys) -> None:
     err = capsys.readouterr().err
     assert "no linux_banner" in err and "Traceback" not in err
     assert not (tmp_path / "k.json").exists()
+
+
+TIMEKEEPING = """
+struct seqcount { unsigned int sequence; };
+typedef struct seqcount seqcount_t;
+struct seqcount_raw_spinlock { seqcount_t seqcount; };
+typedef struct seqcount_raw_spinlock seqcount_raw_spinlock_t;
+struct timekeeper { u64 offs_real; u64 offs_boot; int shift; };
+struct seq_operations { void *start, *stop, *next, *show; };
+"""
+
+
+def test_globals_volatility_reads_that_btf_does_not_type() -> None:
+    """tk_core (a static anonymous struct before 6.13), kallsyms_num_syms, cap_last_cap and
+    the protocols' seq_operations get types; tk_core's is written out as a user type."""
+    sk = SyntheticKernel(TYPES + TIMEKEEPING)
+    sk.write(sk.global_("linux_banner", "char", 64), BANNER + b"\0")
+    sk.global_("init_task", "struct task_struct", pid=0, comm=b"swapper/0")
+    # static struct { seqcount_raw_spinlock_t seq; struct timekeeper timekeeper; } tk_core:
+    # the timekeeper at the 4-byte seq rounded up to its 8-byte alignment.
+    tk_core = sk.global_("tk_core", "u8", 8 + sk.sizeof("struct timekeeper"))
+    sk.global_("kallsyms_num_syms", "u32")
+    sk.global_("cap_last_cap", "u32")
+    sk.global_("udp_seq_ops", "struct seq_operations")
+    sk.global_("end_of_data", "u64")
+    result = build_isf(sk.kernel())
+    symbols, user_types = result.document["symbols"], result.document["user_types"]
+    assert symbols["tk_core"]["address"] == tk_core
+    name = symbols["tk_core"]["type"]["name"]
+    assert symbols["tk_core"]["type"] == {"kind": "struct", "name": name}
+    assert UNNAMED.fullmatch(name)
+    assert user_types[name] == {
+        "kind": "struct",
+        "size": 8 + 24,
+        "fields": {
+            "seq": {"offset": 0, "type": {"kind": "struct", "name": "seqcount_raw_spinlock"}},
+            "timekeeper": {"offset": 8, "type": {"kind": "struct", "name": "timekeeper"}},
+        },
+    }
+    assert symbols["kallsyms_num_syms"]["type"] == base("unsigned int")
+    assert symbols["cap_last_cap"]["type"] == base("int")
+    assert symbols["udp_seq_ops"]["type"] == {"kind": "struct", "name": "seq_operations"}
+    assert result.notes == []

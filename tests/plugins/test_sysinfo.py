@@ -14,6 +14,7 @@ from collector import cli_analysis
 from collector.analyze import analyze_kernel, run_analysis
 from collector.image.writer import ImageWriter
 from collector.kernel.kernel import Kernel
+from collector.kernel.variables import tk_core_timekeeper_offset
 from collector.memory import Fate, PageFate
 from collector.plugin_manager import DISABLE_AUTOLOAD_ENV, PluginManager
 from collector.plugins import sysinfo
@@ -278,7 +279,7 @@ def test_the_members_asked_for_exist_in_a_real_kernel() -> None:
     assert btf.has_member("uts_namespace", "name")
     assert btf.has_member("timekeeper", "offs_real") and btf.has_member("timekeeper", "offs_boot")
     # Without lockdep, seq is a 4-byte seqcount: the timekeeper starts at 8 in every layout.
-    assert sysinfo.tk_core_timekeeper_offset(btf) == 8
+    assert tk_core_timekeeper_offset(btf) == 8
 
 
 # -- end to end: a native image file through `collect analyze` ----------------------------

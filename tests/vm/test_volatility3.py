@@ -168,3 +168,15 @@ def test_vmcoreinfo_is_the_guests(vol: Volatility) -> None:
     assert int(rows["SYMBOL(init_top_pgt)"], 16) == kallsyms["init_top_pgt"]
     # x86_64 links _stext at 0xffffffff81000000 (CONFIG_PHYSICAL_START 16 MiB); KASLR moved it.
     assert int(rows["KERNELOFFSET"], 16) == kallsyms["_stext"] - 0xFFFFFFFF81000000
+
+
+def test_boottime_is_the_guests_btime(vol: Volatility) -> None:
+    """linux.boottime reads tk_core, a static anonymous struct before 6.13 that BTF has no
+    record of: the table types it (collector/interop/isf.py, _tk_core). /proc/stat's btime is
+    the same getboottime64() in whole seconds."""
+    from datetime import datetime
+
+    (row,) = vol.rows("linux.boottime.Boottime")
+    boot = datetime.fromisoformat(row["Boot Time"]).timestamp()
+    btime = int(vol.capture.fact("btime").decode().split()[1])
+    assert int(boot) == btime, (row, btime)
