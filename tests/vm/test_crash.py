@@ -4,8 +4,8 @@ the kernel's DWARF vmlinux from Debian's -dbg package of the very build the gues
 What crash prints is compared with what the guest said of itself around the capture: uname,
 /proc/version, /proc/modules, /proc/zoneinfo, /proc/cpuinfo, the processes in /proc and the
 records of /dev/kmsg (tests/vm/snapshot.py). A makedumpfile-compressed dump of the export
-must give crash the same answers. See docs/interop/crash.md for what crash 8.0.2 cannot do
-with these kernels.
+must give crash the same answers. Only the 6.1 guest is opened: crash 8.0.2 predates the
+structure layouts of 6.12 (docs/interop/crash.md says what it still reads there).
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ from collector.errors import CollectorError
 from tests.vm.conftest import KMSG_MARKER, Capture, vm_unavailable
 from tools.vm.kernels import fetch_debug_vmlinux
 
-pytestmark = pytest.mark.vm
+#: crash 8.0.2 cannot open Debian's 6.12 (docs/interop/crash.md): the session's 6.1 guest only.
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.parametrize("guest", ["6.1"], indirect=True, ids=["linux-6.1"]),
+]
 
 CRASH_TIMEOUT = 600
 PAGE = 4096
@@ -299,7 +303,7 @@ def test_makedumpfile_dump_gives_the_same_answers(
     elf, kdump = sys_fields(elf_session["sys"]), sys_fields(kdump_session["sys"])
     # crash adds "[PARTIAL DUMP]": makedumpfile left pages out (-d 31).
     assert kdump["DUMPFILE"].split()[0] == str(exported.with_name("capture.kdump"))
-    for field in ("RELEASE", "VERSION", "NODENAME", "CPUS", "MEMORY"):
+    for field in ("RELEASE", "VERSION", "NODENAME", "CPUS", "MEMORY", "DATE", "UPTIME"):
         assert kdump[field] == elf[field], field
     assert mod_rows(kdump_session["mod"]) == mod_rows(elf_session["mod"])
     assert mod_rows(kdump_session["mod"]) == guest_modules(capture.before)
