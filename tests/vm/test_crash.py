@@ -23,7 +23,9 @@ from collector.errors import CollectorError
 from tests.vm.conftest import KMSG_MARKER, Capture, vm_unavailable
 from tools.vm.kernels import fetch_debug_vmlinux
 
-#: crash 8.0.2 cannot open Debian's 6.12 (docs/interop/crash.md): the session's 6.1 guest only.
+#: crash 8.0.2 cannot open Debian's 6.12 (docs/interop/crash.md): the 6.1 guest only. The
+#: parameter equals the session fixture's own for 6.1, so pytest hands over the same booted
+#: guest and capture as to every other vm test, and boots nothing more.
 pytestmark = [
     pytest.mark.vm,
     pytest.mark.parametrize("guest", ["6.1"], indirect=True, ids=["linux-6.1"]),
