@@ -31,6 +31,9 @@ KERNEL_KEYS: tuple[str, ...] = tuple(META_PACKAGES)
 APT_TIMEOUT = 120
 DOWNLOAD_TIMEOUT = 900
 EXTRACT_TIMEOUT = 600
+#: Unpacking the DWARF vmlinux means decompressing the whole -dbg package (about 860 MB of
+#: .deb for 6.1, 100 s on two cores), whatever the one file wanted.
+DEBUG_EXTRACT_TIMEOUT = 1200
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,76 @@ def fetch_kernel(key: str) -> Kernel:
             )
         )
     return kernel
+
+
+def debug_package(kernel: Kernel) -> str:
+    """Debian's package holding ``kernel``'s vmlinux with DWARF (``linux-image-...-dbg``)."""
+    return f"{kernel.package}-dbg"
+
+
+def fetch_debug_vmlinux(kernel: Kernel) -> Path:
+    """Download (once) the -dbg package of exactly ``kernel``'s build and keep only its
+    ``vmlinux`` (DWARF); return its path.
+
+    The package is asked for at the image package's version and its Version is checked again
+    once downloaded: a vmlinux from another build of the same release has other addresses
+    and structure layouts, and crash refuses it. Only the extracted file is cached (about
+    650 MB); the .deb is deleted once unpacked.
+    """
+    cache = cache_dir() / "debug"
+    target = cache / f"vmlinux-{kernel.version}_{kernel.package_version}"
+    if target.is_file():
+        return target
+    package = debug_package(kernel)
+    with _locked(cache_dir() / ".lock"):
+        if target.is_file():
+            return target
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as tmp:
+            wanted = f"{package}={kernel.package_version}"
+            _run(
+                ["apt-get", "download", wanted],
+                DOWNLOAD_TIMEOUT,
+                f"apt-get download {wanted}",
+                cwd=tmp,
+            )
+            debs = sorted(Path(tmp).glob(f"{package}_*.deb"))
+            if len(debs) != 1:
+                raise CollectorError(f"apt-get download {wanted} left {len(debs)} .debs behind")
+            deb = debs[0]
+            got = _run(
+                ["dpkg-deb", "-f", str(deb), "Package", "Version"],
+                APT_TIMEOUT,
+                f"dpkg-deb -f {deb.name}",
+            )
+            fields = dict(line.split(": ", 1) for line in got.splitlines() if ": " in line)
+            if (fields.get("Package"), fields.get("Version")) != (package, kernel.package_version):
+                raise CollectorError(
+                    f"{deb.name} is {fields.get('Package')} {fields.get('Version')}, not "
+                    f"{package} {kernel.package_version}: its vmlinux would not match the kernel"
+                )
+            member = f"./usr/lib/debug/boot/vmlinux-{kernel.version}"
+            # pipefail: a truncated .deb must fail here, not leave a short vmlinux behind.
+            _run(
+                [
+                    "bash",
+                    "-o",
+                    "pipefail",
+                    "-c",
+                    'dpkg-deb --fsys-tarfile "$1" | tar -x -C "$2" "$3"',
+                    "extract",
+                    str(deb),
+                    tmp,
+                    member,
+                ],
+                DEBUG_EXTRACT_TIMEOUT,
+                f"extracting {member} from {deb.name}",
+            )
+            vmlinux = Path(tmp) / member
+            if not vmlinux.is_file():
+                raise CollectorError(f"{deb.name} has no {member}")
+            os.replace(vmlinux, target)
+    return target
 
 
 def _meta_package(key: str) -> str:
