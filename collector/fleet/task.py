@@ -275,10 +275,7 @@ def _atomic(final: Path, write: Any) -> None:
 
 
 def _remove(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
+    path.unlink(missing_ok=True)
 
 
 def _one_line(e: BaseException) -> str:
