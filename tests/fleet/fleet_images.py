@@ -4,11 +4,13 @@ each; the expected rows follow from how they are built."""
 
 from __future__ import annotations
 
+import datetime as dt
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import collector
 from collector.testing import SyntheticKernel
 from collector.testing.images import write_native_image
 
@@ -75,6 +77,24 @@ class Machine:
     stream_sha256: str = ""
     pslist: list[dict[str, Any]] = field(default_factory=list)
     lsmod: list[dict[str, Any]] = field(default_factory=list)
+
+    def rows(self, analysis: str) -> list[dict[str, Any]]:
+        """The rows a sweep must write for ``analysis`` (pslist or lsmod) on this image."""
+        plugin = {"pslist": "tasks", "lsmod": "modules"}[analysis]
+        return [
+            {
+                **row,
+                "image": str(self.path),
+                "image_sha256": self.stream_sha256,
+                "hostname": self.hostname,
+                "kernel_release": RELEASE,
+                "boot_id": self.boot_id,
+                "captured_at": dt.datetime.fromisoformat(self.start_time),
+                "plugin": plugin,
+                "plugin_version": collector.__version__,
+            }
+            for row in getattr(self, analysis)
+        ]
 
 
 def _ring(sk: SyntheticKernel, head: int, nodes: list[int]) -> None:

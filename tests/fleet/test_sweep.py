@@ -5,7 +5,6 @@ pyarrow and DuckDB read them."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from distributed import Client, LocalCluster
 
 import collector
 from collector.cli import main
-from tests.fleet.fleet_images import MODULES, PROCESSES, Machine, build
+from tests.fleet.fleet_images import MODULES, PROCESSES, build
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,24 +73,6 @@ def sweep(capsys: pytest.CaptureFixture, client: Client, *args: str) -> tuple[in
     return code, json.loads(capsys.readouterr().out)
 
 
-def expected_rows(machine: Machine, analysis: str) -> list[dict[str, Any]]:
-    plugin = {"pslist": "tasks", "lsmod": "modules"}[analysis]
-    return [
-        {
-            **row,
-            "image": str(machine.path),
-            "image_sha256": machine.stream_sha256,
-            "hostname": machine.hostname,
-            "kernel_release": "6.1.0-test",
-            "boot_id": machine.boot_id,
-            "captured_at": dt.datetime.fromisoformat(machine.start_time),
-            "plugin": plugin,
-            "plugin_version": collector.__version__,
-        }
-        for row in getattr(machine, analysis)
-    ]
-
-
 def dataset(outdir: Path, analysis: str) -> list[dict[str, Any]]:
     table = pa.concat_tables(
         pq.read_table(p) for p in sorted((outdir / analysis).glob("*.parquet"))
@@ -120,7 +101,7 @@ def test_sweep_gives_every_row_and_names_the_bad_images(
     assert (summary["written"], summary["skipped"], summary["failed"]) == (6, 0, 4)
     machines = fleet["machines"]
     for analysis in ("pslist", "lsmod"):
-        want = [r for m in machines for r in expected_rows(m, analysis)]
+        want = [r for m in machines for r in m.rows(analysis)]
         want.sort(key=lambda r: (r["image"], str(r.get("pid") or r.get("name"))))
         assert dataset(out, analysis) == want
     assert summary["records"] == sum(len(m.pslist) + len(m.lsmod) for m in machines)
@@ -187,7 +168,7 @@ def test_rerun_skips_what_is_done_and_force_redoes_it(
     code, third = sweep(capsys, client, *args)
     assert (third["written"], third["skipped"]) == (2, 4)
     pslist = [r for r in dataset(out, "pslist") if r["hostname"] == "web-1"]
-    assert pslist == expected_rows(machine, "pslist")
+    assert pslist == machine.rows("pslist")
     code, forced = sweep(capsys, client, *args, "--force")
     assert (forced["written"], forced["skipped"]) == (6, 0)
     # An image repaired: its error goes, its rows come.
@@ -276,7 +257,7 @@ def test_a_worker_killed_mid_sweep_loses_nothing_and_duplicates_nothing(
     for analysis in ("pslist", "lsmod"):
         rows = dataset(out, analysis)
         want = sorted(
-            (r for m in machines for r in expected_rows(m, analysis)),
+            (r for m in machines for r in m.rows(analysis)),
             key=lambda r: (r["image"], str(r.get("pid") or r.get("name"))),
         )
         assert rows == want  # complete, and no row twice
