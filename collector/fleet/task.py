@@ -97,8 +97,6 @@ def run_pair(image: str, analysis: str, outdir: str, force: bool = False) -> dic
     from collector.kernel.kernel import Kernel
 
     pm = manager()
-    registered = pm.analysis(analysis)
-    plugin, version = registered.plugin.name, registered.plugin.version
     out = output_path(outdir, analysis, image)
     summary: dict[str, Any] = {
         "image": image,
@@ -107,6 +105,12 @@ def run_pair(image: str, analysis: str, outdir: str, force: bool = False) -> dic
         "records": 0,
         "error": None,
     }
+    try:
+        # Checked by the client already; a worker of a shared cluster may lack the plugin.
+        registered = pm.analysis(analysis)
+    except CollectorError as e:
+        return _failed(summary, outdir, None, None, e)
+    plugin, version = registered.plugin.name, registered.plugin.version
     try:
         memory = open_image(image)
     except CollectorError as e:
@@ -167,8 +171,8 @@ def run_pair(image: str, analysis: str, outdir: str, force: bool = False) -> dic
 def _failed(
     summary: dict[str, Any],
     outdir: str,
-    plugin: str,
-    version: str,
+    plugin: str | None,
+    version: str | None,
     e: CollectorError,
     kind: str | None = None,
 ) -> dict[str, Any]:

@@ -51,7 +51,8 @@ def client() -> Iterator[Client]:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Three hosts (web-2 runs one more process, web-3 loads one more module), an image cut
-    inside its header, a file that is no image, and a note a directory sweep passes over."""
+    inside its header and a note a directory sweep passes over; beside them, a file that is
+    no image and an image cut inside its RAM (before the pages the analyses read)."""
     where = tmp_path_factory.mktemp("fleet")
     images = where / "images"
     images.mkdir()
@@ -65,7 +66,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     (images / "notes.txt").write_text("captured by hand\n")
     junk = where / "junk.lime.zst"
     junk.write_bytes(b"this is no image\n" * 8)
-    return {"dir": images, "machines": machines, "cut": cut, "junk": junk, "where": where}
+    cut_ram = where / "cut-ram.lime.zst"
+    whole = machines[0].path.read_bytes()
+    cut_ram.write_bytes(whole[: len(whole) * 6 // 10])
+    return {"dir": images, "machines": machines, "cut": cut, "junk": junk, "cut_ram": cut_ram}
 
 
 def sweep(capsys: pytest.CaptureFixture, client: Client, *args: str) -> tuple[int, dict]:
@@ -93,12 +97,13 @@ def test_sweep_gives_every_row_and_names_the_bad_images(
 ) -> None:
     out = tmp_path / "out"
     code, summary = sweep(
-        capsys, client, str(fleet["dir"]), str(fleet["junk"]), "--analysis", "pslist,lsmod",
-        "-o", str(out),
+        capsys, client, str(fleet["dir"]), str(fleet["junk"]), str(fleet["cut_ram"]),
+        "--analysis", "pslist,lsmod", "-o", str(out),
     )  # fmt: skip
     assert code == 1  # some pairs failed
-    assert (summary["images"], summary["tasks"], summary["workers"]) == (5, 10, 2)
-    assert (summary["written"], summary["skipped"], summary["failed"]) == (6, 0, 4)
+    assert (summary["images"], summary["tasks"], summary["workers"]) == (6, 12, 2)
+    # The image cut in its RAM is written (with the rows before the failure: none here).
+    assert (summary["written"], summary["skipped"], summary["failed"]) == (8, 0, 4)
     machines = fleet["machines"]
     for analysis in ("pslist", "lsmod"):
         want = [r for m in machines for r in m.rows(analysis)]
@@ -110,14 +115,19 @@ def test_sweep_gives_every_row_and_names_the_bad_images(
         pq.read_table(out / "errors").to_pylist(), key=lambda r: (r["image"], r["analysis"])
     )
     want_errors = []
-    for bad, kind in ((fleet["cut"], "truncated"), (fleet["junk"], "not a memory image")):
+    for bad, kind in (
+        (fleet["cut"], "truncated"),
+        (fleet["junk"], "not a memory image"),
+        (fleet["cut_ram"], "stopped early"),
+    ):
         for analysis, plugin in (("lsmod", "modules"), ("pslist", "tasks")):
             exit_code, line = analyze_line(capsys, bad, analysis)
             want_errors.append(
                 {"image": str(bad), "analysis": analysis, "kind": kind, "exit_code": exit_code,
                  "error": line, "plugin": plugin, "plugin_version": collector.__version__}
             )  # fmt: skip
-    assert [e["exit_code"] for e in want_errors] == [3, 3, 6, 6]
+    assert [e["exit_code"] for e in want_errors] == [3, 3, 6, 6, 1, 1]
+    assert all("stopped after 0 records" in e["error"] for e in want_errors[4:])
     assert errors == sorted(want_errors, key=lambda r: (r["image"], r["analysis"]))
     assert not list(out.rglob("*.tmp-*"))
 
