@@ -114,7 +114,11 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         from collector.text import escape_text
 
         for error in summary.errors:
-            print(escape_text(f"  {error['analysis']}: {error['error']}"), file=sys.stderr)
+            line = error["error"]
+            # Opening failures already start with the path; analysis failures do not.
+            if not line.startswith(error["image"]):
+                line = f"{error['image']}: {line}"
+            print(escape_text(f"  {line}"), file=sys.stderr)
     return 1 if summary.failed else 0
 
 
