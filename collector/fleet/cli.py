@@ -23,7 +23,8 @@ output, under OUTDIR:
 Running the same command again skips the pairs already written for the same image hash and
 plugin version, and retries the failed ones; --force redoes every pair.
 
-exit status: 0 every pair written or skipped, 1 some failed (see OUTDIR/errors), 2 usage.
+exit status: 0 every pair written or skipped whole, 1 some failed or stopped early (as
+`collect analyze` would exit on them; see OUTDIR/errors), 2 usage.
 Needs the fleet extra: pip install 'collector[fleet]'.
 """
 
@@ -87,7 +88,12 @@ def register(subparsers: Any) -> None:
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
-    """``collect sweep``: 0 when every pair is written or skipped, 1 when some failed."""
+    """``collect sweep``: 0 when every pair is written or skipped whole, 1 when some failed
+    or stopped early."""
+    if args.scheduler is not None and args.workers is not None:
+        from collector.errors import UsageError
+
+        raise UsageError("sweep: --workers sizes the local cluster; a --scheduler has its own")
     require("sweep")
     from collector.fleet.sweep import check_analyses, find_images, run_sweep, terminal
 
@@ -119,7 +125,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
             if not line.startswith(error["image"]):
                 line = f"{error['image']}: {line}"
             print(escape_text(f"  {line}"), file=sys.stderr)
-    return 1 if summary.failed else 0
+    return 1 if summary.errors else 0
 
 
 def run_stack_command(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ pyarrow and DuckDB read them."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from distributed import Client, LocalCluster
 
 import collector
 from collector.cli import main
+from collector.fleet.sweep import Progress, terminal
 from tests.fleet.fleet_images import MODULES, PROCESSES, build
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -294,3 +296,23 @@ def test_capture_and_analysis_commands_import_none_of_the_extra() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert result.stdout == "[]\n"
+
+
+def test_the_progress_line_counts_done_failed_rate_and_time_left() -> None:
+    screen = io.StringIO()
+    progress = Progress(8, screen, time.monotonic() - 60)  # a minute in, nothing done yet
+    progress.last = 0.0
+    progress.update(2, 1)  # 2 tasks a minute: 6 left, 3 minutes
+    progress.close()
+    lines = screen.getvalue().split("\r")
+    assert lines[1] == "sweep [........................] 0/8 tasks, 0 failed, 0.0/min, ETA --:-- "
+    assert lines[2] == "sweep [######..................] 2/8 tasks, 1 failed, 2.0/min, ETA 03:00 \n"
+    assert terminal(screen) is None  # not a terminal: no progress line at all
+
+
+def test_workers_and_a_scheduler_do_not_go_together(capsys: pytest.CaptureFixture) -> None:
+    argv = ["sweep", ".", "--analysis", "pslist", "-o", "o", "--workers", "2"]
+    assert main([*argv, "--scheduler", "tcp://127.0.0.1:8786"]) == 2
+    assert capsys.readouterr().err == (
+        "collect: sweep: --workers sizes the local cluster; a --scheduler has its own\n"
+    )
