@@ -83,6 +83,8 @@ def test_sweep_over_real_captures(
                  "--workers", "2", "--json"])  # fmt: skip
     summary = json.loads(capsys.readouterr().out)
     assert (code, summary["workers"], summary["tasks"], summary["written"]) == (0, 2, 8, 8)
+    assert summary["errors"] == []
+    assert not (out / "errors").exists()
 
     view = guest_view(capture)
     provenance = {
