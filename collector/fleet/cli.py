@@ -15,11 +15,12 @@ from collector.fleet import require
 
 SWEEP_EPILOG = """\
 output, under OUTDIR:
-  ANALYSIS/IMAGE-HASH.parquet         one file per (image, analysis): the analysis' fields
+  ANALYSIS/NAME-HASH.parquet          one file per (image, analysis): the analysis' fields
                                       and, on every row, image, image_sha256, hostname,
                                       kernel_release, boot_id, captured_at, plugin, plugin_version
-  errors/ANALYSIS/IMAGE-HASH.parquet  one row per pair that failed or stopped early: image,
+  errors/ANALYSIS/NAME-HASH.parquet   one row per pair that failed or stopped early: image,
                                       analysis, kind, exit_code, error (collect analyze's line)
+  (NAME: the image's file name; HASH: a hash of its full path)
 Running the same command again skips the pairs already written for the same image hash and
 plugin version, and retries the failed ones; --force redoes every pair.
 
