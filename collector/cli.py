@@ -25,6 +25,8 @@ commands (collect COMMAND --help for each):
   analyze     run an analysis plugin on an image
   drgn        drgn on an image (types from its BTF): a session, -e CODE, or a script
   plugins     list analysis plugins
+  sweep       run analyses over many images on dask into a Parquet dataset (collector[fleet])
+  stack       which values of a sweep's results few hosts share, rarest first
   profiles    list architecture profiles
 
 examples:
@@ -661,10 +663,13 @@ def _export_isf(args: argparse.Namespace) -> int:
 #: The subcommands collector.cli_analysis adds. Importing it loads the plugin machinery (a
 #: third of the start-up time of an export): other commands build their parser without it.
 ANALYSIS_COMMANDS = ("analyze", "plugins")
+#: The subcommands collector.fleet.cli adds (many images, the fleet extra).
+FLEET_COMMANDS = ("sweep", "stack")
 
 
 def command_parser(
     with_analysis: bool = True,
+    with_fleet: bool = True,
 ) -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     top = argparse.ArgumentParser(prog="collect")
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
@@ -758,6 +763,10 @@ def command_parser(
         from collector import cli_analysis
 
         cli_analysis.register(sub)
+    if with_fleet:
+        from collector.fleet import cli as fleet_cli
+
+        fleet_cli.register(sub)
     return top, {name: parser for name, parser in sub.choices.items()}
 
 
@@ -768,7 +777,10 @@ INTERMIXED = {"translate"}
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        top, commands = command_parser(with_analysis=bool(argv) and argv[0] in ANALYSIS_COMMANDS)
+        top, commands = command_parser(
+            with_analysis=bool(argv) and argv[0] in ANALYSIS_COMMANDS,
+            with_fleet=bool(argv) and argv[0] in FLEET_COMMANDS,
+        )
         if argv and argv[0] in commands:
             if argv[0] in INTERMIXED:
                 # An optional positional after the image (translate's address) is only

@@ -82,5 +82,9 @@ class SparseMemory:
     def blob(self, name: str) -> bytes | None:
         return self._blobs.get(name)
 
+    def blob_names(self) -> list[str]:
+        """The names of the blobs held, in the order given."""
+        return list(self._blobs)
+
     def close(self) -> None:
         pass
