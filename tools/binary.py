@@ -25,12 +25,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "collect-x86_64"
-# Packages that are installed here for the tests or optional commands but that `collect`
-# does not need: drgn, Pillow (`pages --map`), cramjam (AVML files) stay optional extras;
-# the rest is test tooling that PyInstaller's import analysis would otherwise follow from
-# optional imports.
+# Modules PyInstaller's import analysis would otherwise follow, from optional imports, into
+# the executable although `collect` does not need them.
 EXCLUDED = (
-    # optional extras of collector and tooling of its tests
+    # collector's optional extras (drgn; Pillow for `pages --map`; cramjam for AVML files)
+    # stay optional, and the tests' tooling stays out
     "PIL",
     "drgn",
     "cramjam",
