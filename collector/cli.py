@@ -50,6 +50,15 @@ while planning or probing ends collect at once and writes nothing; once the imag
 the chunk under way is completed and the image closed, saying what it misses.
 """
 
+STANDALONE_EPILOG = """
+standalone build: this file carries Python and the libraries collect needs. Each run unpacks
+them into two new private directories (mode 0700) under $TMPDIR (default /tmp), staticx-XXXXXX
+(the C library and loader) and _MEIXXXXXX (Python and its packages), and removes both when it
+exits, also on SIGINT and SIGTERM. Only SIGKILL, or a signal in the first moments while they
+are still being unpacked, leaves them behind. Nothing else is written but the image; to keep
+even these off the disk being examined, point TMPDIR at a tmpfs (TMPDIR=/dev/shm).
+"""
+
 
 def _size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -177,6 +186,27 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")
 
 
+def standalone() -> bool:
+    """Whether this is the one-file build of tools/binary.py (PyInstaller sets sys.frozen)."""
+    return bool(getattr(sys, "frozen", False))
+
+
+def version_text() -> str:
+    """What ``--version`` prints: where collect runs from and what it runs on."""
+    if not standalone():
+        return (
+            f"collect {collector.__version__} from {os.path.dirname(collector.__file__)}"
+            f" (Python {platform.python_version()})"
+        )
+    import zstandard
+
+    return (
+        f"collect {collector.__version__}, standalone build (Python "
+        f"{platform.python_version()}, python-zstandard {zstandard.__version__}, libzstd "
+        f"{'.'.join(map(str, zstandard.ZSTD_VERSION))})"
+    )
+
+
 def capture_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="collect",
@@ -184,15 +214,10 @@ def capture_parser() -> argparse.ArgumentParser:
         "self-describing image (zstd frames holding a LiME stream plus metadata), without a "
         "kernel module. Only System RAM is read, through pread() on /dev/mem, /proc/kcore or "
         "/dev/crash as the kernel allows; every page's fate is recorded.",
-        epilog=CAPTURE_EPILOG,
+        epilog=CAPTURE_EPILOG + (STANDALONE_EPILOG if standalone() else ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--version",
-        action="version",
-        version=f"collect {collector.__version__} from {os.path.dirname(collector.__file__)}"
-        f" (Python {platform.python_version()})",
-    )
+    p.add_argument("--version", action="version", version=version_text())
     _add_plan_options(p)
     p.add_argument(
         "-o",

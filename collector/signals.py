@@ -4,16 +4,26 @@ Outside a capture's RAM loop a signal raises :class:`Interrupted` where the prog
 planning, probing and exports stop at once and their ``finally`` blocks clean up. While an
 image is being written, a signal only asks the loop to stop: the chunk under way is completed
 and the image is closed properly. A second signal then ends the process at once.
+
+In the standalone build (tools/binary.py) the program runs under two launcher processes that
+each pass SIGINT and SIGTERM on; Ctrl-C on a terminal reaches all three processes, so the
+Python process receives the same signal up to three times within milliseconds. There, copies
+of a signal that arrive within :data:`RELAY_WINDOW` of the first count as that one signal.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Iterator
 
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+#: Seconds within which a repeated signal is taken for a launcher's copy of the first one.
+RELAY_WINDOW = 1.0
 
 
 class Interrupted(KeyboardInterrupt):
@@ -47,27 +57,45 @@ class StopRequest(threading.Event):
 
 
 class Signals:
-    """The state of the installed handler (see :func:`handled`)."""
+    """The state of the installed handler (see :func:`handled`).
 
-    def __init__(self) -> None:
+    :param relayed: whether copies of a signal may arrive from launcher processes (the
+        standalone build): then a repeat within :data:`RELAY_WINDOW` is ignored.
+    """
+
+    def __init__(self, relayed: bool = False) -> None:
         self.stop: StopRequest | None = None
+        self.relayed = relayed
+        self._last: tuple[int, float] | None = None
 
     def defer(self) -> StopRequest:
-        """From now on a signal only sets the returned event (and restores the default action,
-        so a second signal ends the process at once)."""
+        """From now on a signal only sets the returned event (and a second signal ends the
+        process at once)."""
         if self.stop is None:
             self.stop = StopRequest()
         return self.stop
 
     def handle(self, signum: int, _frame: object) -> None:
+        now = time.monotonic()
+        if self.relayed and self._last is not None:
+            last_signum, last_time = self._last
+            if last_signum == signum and now - last_time < RELAY_WINDOW:
+                return
+        self._last = (signum, now)
         stop = self.stop
         if stop is None:
             raise Interrupted(signum)
+        if stop.is_set():
+            # A second signal: end at once, as the default action would.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         stop.signum = signum
         stop.reason = f"interrupted by {signal.Signals(signum).name}"
         stop.set()
-        for s in EXIT_STATUS:
-            signal.signal(s, signal.SIG_DFL)
+        if not self.relayed:
+            for s in EXIT_STATUS:
+                signal.signal(s, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -77,7 +105,8 @@ def handled() -> Iterator[Signals]:
     Off the main thread (where Python cannot install handlers) nothing is installed, and
     :meth:`Signals.defer` still returns an event a caller may set.
     """
-    state = Signals()
+    # PyInstaller marks its frozen programs with sys.frozen; its launchers relay signals.
+    state = Signals(relayed=bool(getattr(sys, "frozen", False)))
     if threading.current_thread() is not threading.main_thread():
         yield state
         return

@@ -7,7 +7,12 @@ fails the run.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -44,8 +49,43 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
+    for line in _binary_timings:
+        terminalreporter.write_line(line)
     if in_ci() and _skipped_vm:
         terminalreporter.write_line(
             f"CI=true: {len(_skipped_vm)} vm test(s) or modules skipped; failing the run",
             red=True,
         )
+
+
+# -- the standalone build ----------------------------------------------------------------------
+
+_binary_timings: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def standalone_binary() -> Path:
+    """``dist/collect-x86_64``, built once per session by ``python -m tools.binary`` from this
+    checkout (PyInstaller and staticx from PyPI). ``COLLECTOR_BINARY=PATH`` names one built
+    already, for work on the tests themselves; CI always builds."""
+    given = os.environ.get("COLLECTOR_BINARY")
+    if given and not in_ci():
+        return Path(given).resolve()
+    repo = Path(__file__).resolve().parents[1]
+    for tool in ("PyInstaller", "staticx"):
+        if importlib.util.find_spec(tool) is None:
+            message = f"{tool} is not installed (pip install -e '.[binary]')"
+            if in_ci():
+                pytest.fail(message, pytrace=False)
+            pytest.skip(message)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.binary"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    _binary_timings.append(f"python -m tools.binary: {time.monotonic() - started:.0f} s")
+    return repo / "dist" / "collect-x86_64"

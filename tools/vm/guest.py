@@ -1,7 +1,9 @@
 """Boot a Debian kernel under QEMU (TCG) and run shell commands in it, chrooted into the host's root.
 
 The guest sees the host's filesystem read-only over 9p and runs the host's own Python and this
-checkout; a second, writable 9p share carries commands in and results out.
+checkout; a second, writable 9p share carries commands in and results out. A bare guest
+(``bare_files``) sees nothing of the host: its root is the initramfs, holding busybox and the
+files given, and only the writable share is mounted.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from pathlib import Path
 from types import TracebackType
 
 from collector.errors import CollectorError
-from tools.vm.initramfs import GUEST_OUT, Initramfs, build_initramfs
+from tools.vm.initramfs import (
+    GUEST_OUT,
+    OUT_MOUNT,
+    Initramfs,
+    build_bare_initramfs,
+    build_initramfs,
+)
 from tools.vm.kernels import KERNEL_KEYS, Kernel, fetch_kernel
 from tools.vm.qmp import QMP
 
@@ -157,6 +165,9 @@ class Guest:
         for 5-level paging).
     :param boot_timeout: seconds from launch until the agent reports ready.
     :param append: extra kernel command-line words (KASLR stays on: never ``nokaslr``).
+    :param bare_files: boot a bare guest whose root filesystem is the initramfs with these
+        files added (path in the guest -> host file), no host root and no chroot; commands
+        run there with busybox's applets, the share at ``/out``.
     """
 
     def __init__(
@@ -168,6 +179,7 @@ class Guest:
         cpu: str | None = None,
         boot_timeout: float = 180,
         append: tuple[str, ...] = (),
+        bare_files: dict[str, Path] | None = None,
     ) -> None:
         if "nokaslr" in append:
             raise GuestError("the bench keeps KASLR on; drop nokaslr", 2)
@@ -181,7 +193,8 @@ class Guest:
         self.boot_timeout = boot_timeout
         self.append = tuple(append)
         self.repo = REPO_ROOT
-        self.guest_out = GUEST_OUT
+        self.bare_files = dict(bare_files) if bare_files is not None else None
+        self.guest_out = OUT_MOUNT if self.bare else GUEST_OUT
         self.kernel: Kernel | None = None
         self.initramfs: Initramfs | None = None
         self.boot_seconds: float | None = None
@@ -191,6 +204,11 @@ class Guest:
         self._qmp: QMP | None = None
         self._next = 1
         self._finalizer: weakref.finalize | None = None
+
+    @property
+    def bare(self) -> bool:
+        """Whether the guest's root is the initramfs alone (see ``bare_files``)."""
+        return self.bare_files is not None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -218,10 +236,13 @@ class Guest:
             self.kernel = fetch_kernel(self.kernel_key)
         except CollectorError as exc:
             raise VMUnavailable(f"kernel {self.kernel_key} unavailable: {exc}") from None
-        self.initramfs = build_initramfs(self.kernel)
         self._workdir = Path(tempfile.mkdtemp(prefix="collector-vm-"))
         # A guest that is never closed still goes at interpreter exit.
         self._finalizer = weakref.finalize(self, _discard, None, self._workdir)
+        if self.bare_files is not None:
+            self.initramfs = build_bare_initramfs(self.kernel, self.bare_files, self._workdir)
+        else:
+            self.initramfs = build_initramfs(self.kernel)
         self.out_dir.mkdir()
         for sub in ("cmd", "res", "ctl"):
             (self.out_dir / sub).mkdir()
@@ -277,10 +298,13 @@ class Guest:
             "-append", " ".join(("console=ttyS0", "panic=-1", *self._keep(), *self.append)),
             "-qmp", f"unix:{self._workdir / 'qmp.sock'},server=on,wait=off",
             "-device", "vmcoreinfo",
-            "-virtfs",
-            "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
             "-virtfs", f"local,path={self.out_dir},mount_tag=out,security_model=none",
         ]  # fmt: skip
+        if not self.bare:
+            argv += [
+                "-virtfs",
+                "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
+            ]
         return [*argv, "-cpu", self.cpu, *self.extra_qemu_args]
 
     def close(self, timeout: float = 30) -> None:
@@ -350,8 +374,10 @@ class Guest:
         self._check_running("starting a command")
         number = self._next
         self._next += 1
-        script = "\n".join(
-            [
+        if self.bare:
+            lines = ["export PATH=/bin:/sbin HOME=/", "cd / || exit 126", command, ""]
+        else:
+            lines = [
                 f"export PATH={shlex.quote(guest_path_env())}",
                 "export HOME=/tmp LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1",
                 # `collect` and `python -m collector` import this checkout, whichever
@@ -361,7 +387,7 @@ class Guest:
                 command,
                 "",
             ]
-        )
+        script = "\n".join(lines)
         target = self.out_dir / "cmd" / f"{number}.sh"
         tmp = target.with_suffix(".tmp")
         tmp.write_text(script)

@@ -1,5 +1,8 @@
 """Build the guest's busybox initramfs: 9p modules, a chroot into the host's root, a command agent.
 
+A bare initramfs (:func:`build_bare_initramfs`) has no chroot: the guest's root filesystem is
+the initramfs itself, busybox and the files it is given, with only the writable share mounted.
+
 The archive is a plain cpio (newc) written here, deterministic and cached by the hash of its
 content, so a kernel and an /init that did not change reuse the same file.
 """
@@ -121,6 +124,82 @@ poweroff -f
 """
 
 
+# PID 1 of a bare guest: nothing from the host but the writable share; commands run in the
+# initramfs itself, so what they leave behind there can be listed.
+BARE_INIT_SCRIPT = r"""#!/bin/sh
+export PATH=/bin:/sbin
+say() { echo "vm-init: $*"; }
+die() { say "FATAL: $*"; sync; sleep 1; poweroff -f; }
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+
+for m in $(cat /etc/modules.list); do
+  insmod "/lib/modules/$m.ko" || say "insmod $m failed"
+done
+
+mount -t 9p -o @NINEP@ out @OUT@ || die "cannot mount the output share over 9p"
+mkdir -p @OUT@/cmd @OUT@/res @OUT@/ctl
+
+{
+  echo "release=$(uname -r)"
+  echo "modules=$(cat /etc/modules.list | tr '\n' ' ')"
+  echo "uptime=$(cut -d' ' -f1 /proc/uptime)"
+} >@OUT@/ready.tmp
+mv @OUT@/ready.tmp @OUT@/ready
+say "ready"
+
+start() {
+  r=@OUT@/res/$1
+  (
+    setsid /bin/sh @OUT@/cmd/$1.sh >"$r.stdout" 2>"$r.stderr" </dev/null &
+    echo $! >"$r.pid"
+    wait $!
+    echo $? >"$r.rc.tmp"
+    mv "$r.rc.tmp" "$r.rc"
+  ) &
+}
+
+n=1
+while :; do
+  if [ -e @OUT@/ctl/poweroff ]; then
+    break
+  elif [ -e @OUT@/cmd/$n.sh ]; then
+    start $n
+    n=$((n + 1))
+  else
+    usleep 50000
+  fi
+done
+say "powering off"
+sync
+umount @OUT@ 2>/dev/null
+poweroff -f
+"""
+# Applets a bare guest's commands may use (the chrooted guest has the host's tools instead).
+BARE_APPLETS: tuple[str, ...] = (
+    "ls",
+    "find",
+    "sort",
+    "grep",
+    "head",
+    "wc",
+    "kill",
+    "ps",
+    "rm",
+    "cp",
+    "stat",
+    "sha256sum",
+    "test",
+    "[",
+    "true",
+    "false",
+    "env",
+    "id",
+)
+
+
 @dataclass(frozen=True)
 class Initramfs:
     """A built initramfs and what went into it.
@@ -137,9 +216,9 @@ class Initramfs:
     absent: tuple[str, ...]
 
 
-def init_script() -> str:
+def init_script(bare: bool = False) -> str:
     """The guest's /init, with the bench's paths filled in."""
-    text = INIT_SCRIPT
+    text = BARE_INIT_SCRIPT if bare else INIT_SCRIPT
     for key, value in {
         "@NINEP@": NINEP_OPTIONS,
         "@HOST@": HOST_MOUNT,
@@ -185,28 +264,46 @@ def plan_modules(kernel: Kernel) -> tuple[list[str], list[str], list[str]]:
 
 def build_initramfs(kernel: Kernel) -> Initramfs:
     """Build (or reuse) the initramfs for ``kernel``."""
+    archive, order, built, absent = _archive(kernel, bare=False)
+    data = archive.finish()
+
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    target_dir = cache_dir() / "initramfs"
+    target_dir.mkdir(parents=True, exist_ok=True)
+    path = target_dir / f"{kernel.version}-{digest}.cpio"
+    if not path.exists():
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        _prune(target_dir, kernel.version, keep=path)
+    return Initramfs(path, tuple(order), tuple(built), tuple(absent))
+
+
+def build_bare_initramfs(kernel: Kernel, files: dict[str, Path], directory: Path) -> Initramfs:
+    """A bare initramfs for ``kernel`` in ``directory``, holding ``files`` (archive path ->
+    host file, mode 0755) besides busybox: the guest's whole root filesystem. Not cached: the
+    files are the thing under test."""
+    archive, order, built, absent = _archive(kernel, bare=True)
+    for name, source in files.items():
+        archive.file(name.lstrip("/"), source.read_bytes(), 0o755)
+    path = directory / f"{kernel.version}-bare.cpio"
+    path.write_bytes(archive.finish())
+    return Initramfs(path, tuple(order), tuple(built), tuple(absent))
+
+
+def _archive(kernel: Kernel, bare: bool) -> tuple[_Cpio, list[str], list[str], list[str]]:
     if not BUSYBOX.is_file():
         raise CollectorError(f"{BUSYBOX} is missing: install busybox-static")
     order, built, absent = plan_modules(kernel)
     archive = _Cpio()
-    for directory in (
-        "bin",
-        "sbin",
-        "dev",
-        "etc",
-        "proc",
-        "sys",
-        "tmp",
-        "lib",
-        "lib/modules",
-        HOST_MOUNT[1:],
-        OUT_MOUNT[1:],
-    ):
+    directories = ["bin", "sbin", "dev", "etc", "proc", "sys", "tmp", "lib", "lib/modules"]
+    directories += [OUT_MOUNT[1:]] if bare else [HOST_MOUNT[1:], OUT_MOUNT[1:]]
+    for directory in directories:
         archive.directory(directory)
     archive.device("dev/console", stat.S_IFCHR | 0o600, 5, 1)
     archive.device("dev/null", stat.S_IFCHR | 0o666, 1, 3)
     archive.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
-    for applet in (
+    applets = [
         "sh",
         "mount",
         "umount",
@@ -224,26 +321,16 @@ def build_initramfs(kernel: Kernel) -> Initramfs:
         "sync",
         "poweroff",
         "uname",
-    ):
+    ]
+    for applet in applets + (list(BARE_APPLETS) if bare else []):
         archive.symlink(f"bin/{applet}", "busybox")
     for name in order:
         ko = kernel.module(name)
         assert ko is not None
         archive.file(f"lib/modules/{name}.ko", ko.read_bytes(), 0o644)
     archive.file("etc/modules.list", "".join(f"{m}\n" for m in order).encode(), 0o644)
-    archive.file("init", init_script().encode(), 0o755)
-    data = archive.finish()
-
-    digest = hashlib.sha256(data).hexdigest()[:16]
-    target_dir = cache_dir() / "initramfs"
-    target_dir.mkdir(parents=True, exist_ok=True)
-    path = target_dir / f"{kernel.version}-{digest}.cpio"
-    if not path.exists():
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        _prune(target_dir, kernel.version, keep=path)
-    return Initramfs(path, tuple(order), tuple(built), tuple(absent))
+    archive.file("init", init_script(bare).encode(), 0o755)
+    return archive, order, built, absent
 
 
 def _prune(directory: Path, version: str, keep: Path) -> None:
