@@ -39,6 +39,14 @@ EXCLUDED = (
     "hypothesis",
     "jsonschema",
     "mfusepy",
+    # `collect sweep` and `stack` run where the images are gathered, not on the machine being
+    # captured: their extra (dask, pyarrow, duckdb, and pandas through them) stays out, and
+    # the binary's `sweep` says which extra it lacks, as a Python install without it does
+    "dask",
+    "distributed",
+    "pyarrow",
+    "duckdb",
+    "pandas",
     # reached only through optional imports of the bundled packages: construct's encrypted
     # fields (cryptography), numpy's build configuration (yaml), f2py, test suites and
     # downloaders; zstandard's cffi backend (the C backend is the one used)
