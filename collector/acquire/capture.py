@@ -3,13 +3,18 @@
 Reads are large (a whole chunk from one source at a time). When a large read fails, that
 part is retried page by page so one bad page costs one page, and its errno is recorded.
 Pages the tool did not read are zero in the stream and carry their fate in the DESC record.
+Where every source allows concurrent ``pread`` (kcore and /dev/mem do), several reader
+threads read the next chunks ahead, a bounded window of them, handed to the writer in
+address order.
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,6 +31,12 @@ class Reader(Protocol):
     """What the capture loop needs of a source: exactly ``size`` bytes, or OSError."""
 
     def read(self, paddr: int, size: int) -> bytes: ...
+
+
+def concurrent_ok(sources: Mapping[str, Reader]) -> bool:
+    """Whether every source serves ``pread`` from several threads at once (a source says
+    so with ``concurrent_reads``; one that does not say is read by one thread)."""
+    return all(getattr(s, "concurrent_reads", False) for s in sources.values())
 
 
 @dataclass
@@ -181,6 +192,31 @@ def _mark_kernel_zero(
         pos = nxt
 
 
+@dataclass
+class _Job:
+    index: int  # chunk number within its range
+    start: int  # the range's start and end
+    end: int
+    c_start: int
+    c_end: int
+    entries: list
+
+
+def _jobs(plan, chunk_size: int) -> Iterator[_Job]:
+    entries = sorted(plan.entries, key=lambda e: e.start)
+    ends = [e.end for e in entries]
+    for r in plan.ram_ranges:
+        for i, (c_start, c_end) in enumerate(iter_chunks(r.start, r.end, chunk_size)):
+            # Entries are sorted and disjoint: the first one ending after the chunk's start,
+            # and those following it that start before the chunk's end.
+            k = bisect.bisect_right(ends, c_start)
+            overlapping = []
+            while k < len(entries) and entries[k].start < c_end:
+                overlapping.append(entries[k])
+                k += 1
+            yield _Job(i, r.start, r.end, c_start, c_end, overlapping)
+
+
 def run_capture(
     plan,
     sources: Mapping[str, Reader],
@@ -188,6 +224,7 @@ def run_capture(
     *,
     stop: threading.Event | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    readers: int = 1,
 ) -> CaptureResult:
     """Capture every range of ``plan`` into ``writer``; stops early when ``stop`` is set.
 
@@ -196,38 +233,61 @@ def run_capture(
     :param writer: the image writer; the caller finishes it.
     :param stop: set by a signal handler: the current chunk is completed, the range under
         way is padded (up to :data:`PAD_LIMIT`), then the loop ends.
+    :param readers: reader threads when the sources allow concurrent reads; at most
+        ``2 * readers`` chunks are read ahead of the writer.
     """
-    ranges = [(r.start, r.end) for r in plan.ram_ranges]
-    progress = Progress(total_bytes=sum(e - s for s, e in ranges))
+    progress = Progress(total_bytes=sum(r.end - r.start for r in plan.ram_ranges))
     result = CaptureResult(progress)
-    entries = sorted(plan.entries, key=lambda e: e.start)
-    ends = [e.end for e in entries]
-    for start, end in ranges:
-        for i, (c_start, c_end) in enumerate(iter_chunks(start, end, writer.chunk_size)):
-            if stop is not None and stop.is_set():
-                result.stopped_by = getattr(stop, "reason", "interrupted")
-                if i and end - c_start <= PAD_LIMIT:
-                    pad_range(writer, c_start, end)
-                elif i:
-                    result.unpadded = (c_start, end)
-                return result
-            # Entries are sorted and disjoint: the first one ending after the chunk's start,
-            # and those following it that start before the chunk's end.
-            k = bisect.bisect_right(ends, c_start)
-            overlapping = []
-            while k < len(entries) and entries[k].start < c_end:
-                overlapping.append(entries[k])
-                k += 1
-            data, runs = read_chunk(c_start, c_end, overlapping, sources, writer.page_size)
-            if i == 0:
-                writer.add_chunk(c_start, data, runs, start, end)
+    page = writer.page_size
+
+    def read(job: _Job) -> tuple[bytes, list[FateRun]]:
+        return read_chunk(job.c_start, job.c_end, job.entries, sources, page)
+
+    jobs = _jobs(plan, writer.chunk_size)
+    pool = None
+    if readers > 1 and concurrent_ok(sources):
+        pool = ThreadPoolExecutor(readers, thread_name_prefix="read")
+    window: deque[tuple[_Job, Future]] = deque()
+    try:
+        while True:
+            if pool is not None:
+                while len(window) < 2 * readers:
+                    job = next(jobs, None)
+                    if job is None:
+                        break
+                    window.append((job, pool.submit(read, job)))
+                if not window:
+                    break
+                job, pending = window[0]
             else:
-                writer.add_chunk(c_start, data, runs)
-            progress.done_bytes += c_end - c_start
+                job = next(jobs, None)
+                if job is None:
+                    break
+            if stop is not None and stop.is_set():
+                # Chunks read ahead are dropped: the one under way was the last written.
+                result.stopped_by = getattr(stop, "reason", "interrupted")
+                if job.index and job.end - job.c_start <= PAD_LIMIT:
+                    pad_range(writer, job.c_start, job.end)
+                elif job.index:
+                    result.unpadded = (job.c_start, job.end)
+                return result
+            if pool is not None:
+                window.popleft()
+                data, runs = pending.result()
+            else:
+                data, runs = read(job)
+            if job.index == 0:
+                writer.add_chunk(job.c_start, data, runs, job.start, job.end)
+            else:
+                writer.add_chunk(job.c_start, data, runs)
+            progress.done_bytes += job.c_end - job.c_start
             progress.chunks += 1
             progress.unreadable_pages += sum(r.count for r in runs if r.fate == Fate.UNREADABLE)
             if on_progress is not None:
                 on_progress(progress)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     return result
 
 
