@@ -225,6 +225,7 @@ def run_capture(
     stop: threading.Event | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     readers: int = 1,
+    skip: Callable[[int, int], list[tuple[int, int, Fate]]] | None = None,
 ) -> CaptureResult:
     """Capture every range of ``plan`` into ``writer``; stops early when ``stop`` is set.
 
@@ -235,13 +236,19 @@ def run_capture(
         way is padded (up to :data:`PAD_LIMIT`), then the loop ends.
     :param readers: reader threads when the sources allow concurrent reads; at most
         ``2 * readers`` chunks are read ahead of the writer.
+    :param skip: asked for each chunk ``[start, end)`` just before it is read: the
+        ``(start, end, fate)`` runs of pages to leave unread, recorded with that fate.
     """
     progress = Progress(total_bytes=sum(r.end - r.start for r in plan.ram_ranges))
     result = CaptureResult(progress)
     page = writer.page_size
 
     def read(job: _Job) -> tuple[bytes, list[FateRun]]:
-        return read_chunk(job.c_start, job.c_end, job.entries, sources, page)
+        entries = job.entries
+        if skip is not None:
+            # Decided from the chunk's struct pages read just now, right before its RAM.
+            entries = without(entries, skip(job.c_start, job.c_end))
+        return read_chunk(job.c_start, job.c_end, entries, sources, page)
 
     jobs = _jobs(plan, writer.chunk_size)
     pool = None
@@ -289,6 +296,41 @@ def run_capture(
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     return result
+
+
+@dataclass
+class _Piece:
+    """A plan entry cut around skipped pages (what :func:`read_chunk` reads of an entry)."""
+
+    start: int
+    end: int
+    source: str | None
+    fate: Fate = Fate.READ
+    kernel_zero: bool = False
+
+
+def without(entries: list, runs: list[tuple[int, int, Fate]]) -> list:
+    """``entries`` with the ``runs`` cut out of those that read a source, each run becoming
+    a piece of its own with no source and the run's fate. Entries and runs are sorted."""
+    if not runs:
+        return entries
+    out: list = []
+    for e in entries:
+        if e.source is None:
+            out.append(e)
+            continue
+        pos = e.start
+        for start, end, fate in runs:
+            lo, hi = max(start, e.start), min(end, e.end)
+            if lo >= hi:
+                continue
+            if lo > pos:
+                out.append(_Piece(pos, lo, e.source, Fate.READ, e.kernel_zero))
+            out.append(_Piece(lo, hi, None, fate))
+            pos = hi
+        if pos < e.end:
+            out.append(_Piece(pos, e.end, e.source, Fate.READ, e.kernel_zero))
+    return out
 
 
 def pad_range(writer: ImageWriter, start: int, end: int) -> None:

@@ -218,7 +218,8 @@ class ImageWriter:
         pages = (paddr % self.page_size + size + self.page_size - 1) // self.page_size
         not_read = 0
         for r in runs:
-            self.fate_pages[r.fate.label] += r.count
+            # Fates after OUTSIDE (skipped pages) are listed only when a capture has them.
+            self.fate_pages[r.fate.label] = self.fate_pages.get(r.fate.label, 0) + r.count
             not_read += r.count
             if r.fate == Fate.UNREADABLE:
                 self.unreadable_errnos[r.errno] = self.unreadable_errnos.get(r.errno, 0) + r.count
