@@ -36,14 +36,16 @@ PAGE = 4096
 SKIP_FATES = {"free": Fate.SKIPPED_FREE, "cache": Fate.SKIPPED_CACHE}
 SKIP_CHOICES = (*SKIP_FATES, "zero")
 #: The classes each ``--skip`` choice leaves out. ``cache`` is clean page cache that no
-#: process maps (_mapcount -1): mapped files (executables, libraries) are kept.
+#: process maps (_mapcount -1) and that is not swap-backed (shmem, tmpfs): mapped files
+#: (executables, libraries) are kept.
 _FREE = tuple(kpages.CODE[c] for c in kpages.FREE_CLASSES)
 _FILE = kpages.CODE["file"]
 #: The groups ``--mem-usage`` reports, each from classifier classes.
 USAGE_GROUPS: dict[str, tuple[str, ...]] = {
     "free": kpages.FREE_CLASSES,
-    "cache clean, unmapped": (),  # "file" pages with _mapcount -1, split out below
-    "cache clean, mapped": ("file",),
+    # "file" pages --skip cache may leave out, split out of the rest below
+    "cache clean, unmapped": (),
+    "cache clean, other": ("file",),
     "cache dirty": ("file-dirty", "file-writeback"),
     "anon": ("anon", "swapcache"),
     "slab": ("slab",),
@@ -214,15 +216,26 @@ class LivePages:
 
     def classify(self, start_pfn: int, end_pfn: int) -> tuple[np.ndarray, np.ndarray]:
         """Class codes of PFNs ``[start_pfn, end_pfn)`` (``hole`` where no RAM), and which of
-        them no process maps (``_mapcount`` -1)."""
+        them are clean page cache ``--skip cache`` may leave out."""
         classes = np.full(end_pfn - start_pfn, kpages.CODE["hole"], dtype=np.uint8)
-        unmapped = np.zeros(end_pfn - start_pfn, dtype=bool)
+        cache = np.zeros(end_pfn - start_pfn, dtype=bool)
         for nid, lo, hi in self.walker.spans(start_pfn, end_pfn):
             batch = self.walker.classify_range(nid, lo, hi)
             classes[lo - start_pfn : hi - start_pfn] = batch.classes
-            words = batch.pages["page_type"][: hi - lo].astype(np.uint32)
-            unmapped[lo - start_pfn : hi - start_pfn] = words == np.uint32(0xFFFFFFFF)
-        return classes, unmapped
+            cache[lo - start_pfn : hi - start_pfn] = self._skippable_cache(batch, hi - lo)
+        return classes, cache
+
+    def _skippable_cache(self, batch: kpages.Batch, n: int) -> np.ndarray:
+        """Clean file pages no process maps (``_mapcount`` -1) and not swap-backed: shmem
+        and tmpfs pages have no copy on disk, so they are never left out."""
+        pages = batch.pages[:n]
+        ok = (batch.classes[:n] == _FILE) & (
+            pages["page_type"].astype(np.uint32) == np.uint32(0xFFFFFFFF)
+        )
+        swapbacked = self.walker.format.flag("PG_swapbacked")
+        if swapbacked:
+            ok &= (pages["flags"].astype(np.uint64) & np.uint64(swapbacked)) == 0
+        return ok
 
     def skip_runs(self, start: int, end: int, skip: frozenset[str]) -> list[tuple[int, int, Fate]]:
         """Physical ``(start, end, fate)`` runs of whole pages in ``[start, end)`` to leave
@@ -233,14 +246,14 @@ class LivePages:
             return runs
         with self._lock:
             t0 = time.perf_counter()
-            classes, unmapped = self.classify(first, last)
+            classes, cache = self.classify(first, last)
             self.seconds += time.perf_counter() - t0
         if True:
             fate = np.zeros(last - first, dtype=np.int16)
             if "free" in skip:
                 fate[np.isin(classes, _FREE)] = int(Fate.SKIPPED_FREE)
             if "cache" in skip:
-                fate[(classes == _FILE) & unmapped] = int(Fate.SKIPPED_CACHE)
+                fate[cache] = int(Fate.SKIPPED_CACHE)
             edges = np.flatnonzero(np.diff(fate)) + 1
             bounds = [0, *edges.tolist(), len(fate)]
             for a, b in itertools.pairwise(bounds):
@@ -252,19 +265,16 @@ class LivePages:
         """Pages per group over all System RAM (``--mem-usage``)."""
         t0 = time.perf_counter()
         counts = np.zeros(len(kpages.CLASSES), dtype=np.int64)
-        unmapped_file = 0
+        skippable = 0
         for nid, lo, hi in self.walker.spans():
             batch = self.walker.classify_range(nid, lo, hi)
             counts += np.bincount(batch.classes, minlength=len(kpages.CLASSES))
-            words = batch.pages["page_type"][: hi - lo].astype(np.uint32)
-            unmapped_file += int(
-                np.count_nonzero((batch.classes == _FILE) & (words == np.uint32(0xFFFFFFFF)))
-            )
+            skippable += int(np.count_nonzero(self._skippable_cache(batch, hi - lo)))
         out = Usage(notes=list(self.walker.notes))
         for group, classes in USAGE_GROUPS.items():
             out.pages[group] = int(sum(counts[kpages.CODE[c]] for c in classes))
-        out.pages["cache clean, unmapped"] = unmapped_file
-        out.pages["cache clean, mapped"] -= unmapped_file
+        out.pages["cache clean, unmapped"] = skippable
+        out.pages["cache clean, other"] -= skippable
         out.seconds = time.perf_counter() - t0
         out.bytes_read = self.memory.bytes_read
         return out

@@ -36,6 +36,7 @@ RAM_PAGES = (0x9F - 1) + (0x1000 - 0x100)
 FREE = [(0x400, 4), (0x800, 9), (0xC03, 0)]  # (head PFN, order) of free blocks
 CACHE = range(0x500, 0x510)  # clean page cache no process maps
 MAPPED_CACHE = 0x520  # a mapped file page: kept
+SHMEM = 0x530  # an unmapped clean file page that is swap-backed (shmem): kept
 ADDRESS_SPACE = 0xFFFF888000123400
 ERAS = ("6.1", "6.6", "6.10", "6.12")
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +56,7 @@ def memory_map(era: str) -> MemoryMap:
         mm.in_use(pfn, mapping=ADDRESS_SPACE)
     mm.in_use(MAPPED_CACHE, mapping=ADDRESS_SPACE)
     mm.set(MAPPED_CACHE, page_type=0)  # _mapcount 0: mapped once
+    mm.in_use(SHMEM, mapping=ADDRESS_SPACE, flags=mm.bit("PG_swapbacked"))
     return mm
 
 
@@ -86,7 +88,7 @@ def test_mem_usage_counts_what_each_skip_class_leaves_out(fake, capsys):
     groups = {k: v["pages"] for k, v in doc["groups"].items()}
     assert groups["free"] == len(free_pfns()) == 16 + 512 + 1
     assert groups["cache clean, unmapped"] == len(CACHE)
-    assert groups["cache clean, mapped"] == 1
+    assert groups["cache clean, other"] == 2  # the mapped page and the shmem page
     assert doc["groups"]["free"]["skip"] == "free"
     assert doc["groups"]["free"]["bytes"] == 529 * PAGE
     assert doc["total_pages"] == RAM_PAGES
@@ -155,6 +157,7 @@ def test_skip_cache_leaves_out_unmapped_clean_page_cache_only(fake, tmp_path, ca
     with NativeImage(out) as img:
         assert img.fate(CACHE[0] * PAGE).fate == Fate.SKIPPED_CACHE
         assert img.fate(MAPPED_CACHE * PAGE).fate == Fate.READ
+        assert img.fate(SHMEM * PAGE).fate == Fate.READ
         assert img.read(MAPPED_CACHE * PAGE, PAGE) == fake.ram_bytes(
             MAPPED_CACHE * PAGE, (MAPPED_CACHE + 1) * PAGE
         )
