@@ -142,7 +142,12 @@ def test_skip_free_reads_no_free_page_and_the_rest_is_a_full_capture(fake, tmp_p
     assert main(["verify", str(skip)]) == 0
     capsys.readouterr()
     assert main(["info", str(skip)]) == 0
-    assert "skipped-free 529" in capsys.readouterr().out
+    info = capsys.readouterr().out
+    assert "skipped-free 529" in info
+    seconds = summary["skip_seconds"]
+    assert (
+        f"skip:     free: struct pages read and classified before each chunk, {seconds} s" in info
+    )
 
 
 def test_skip_cache_leaves_out_unmapped_clean_page_cache_only(fake, tmp_path, capsys):

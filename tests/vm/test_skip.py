@@ -67,7 +67,7 @@ def skipped(request: pytest.FixtureRequest) -> Iterator[Skipped]:
             guest.run("collect plan --profile x86_64 --mem-usage --json").check().stdout
         )
         free_after = json.loads(guest.run(f"python {FREE_PAGES}").check().stdout)
-        pids_before = {p["pid"] for p in snapshot(guest)["processes"]}
+        pids_before = {int(pid) for pid in snapshot(guest)["processes"]}
         times = {}
         summaries = {}
         for name, extra in (("full", ""), ("skip", "--skip free")):
@@ -83,7 +83,7 @@ def skipped(request: pytest.FixtureRequest) -> Iterator[Skipped]:
             dump = out / f"qemu-{what.replace(' ', '-').lower()}.bin"
             guest.qmp.pmemsave(start, end - start, str(dump))
             qemu[what] = (start, end, dump.read_bytes())
-        pids_after = {p["pid"] for p in snapshot(guest)["processes"]}
+        pids_after = {int(pid) for pid in snapshot(guest)["processes"]}
         yield Skipped(
             guest,
             usage,
