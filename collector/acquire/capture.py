@@ -73,31 +73,63 @@ def iter_chunks(start: int, end: int, chunk_size: int) -> Iterator[tuple[int, in
 
 
 class _Fates:
-    """Per-page fates of one chunk, folded into runs at the end."""
+    """Fates of one chunk's pages, kept as page intervals and folded into runs at the end.
+
+    Intervals, not pages: a chunk whose pages are skipped or unreadable in long stretches
+    costs a few list entries, not a dictionary entry per page.
+    """
 
     def __init__(self, paddr: int, page_size: int) -> None:
         self.first_page = paddr // page_size
         self.page_size = page_size
-        self.pages: dict[int, tuple[Fate, int]] = {}
+        #: ``(first, end, fate, errno)`` page indexes within the chunk, in marking order
+        self.marks: list[tuple[int, int, Fate, int]] = []
 
     def mark(self, start: int, end: int, fate: Fate, errno: int = 0) -> None:
-        for page in range(start // self.page_size, (end - 1) // self.page_size + 1):
-            # A page shared by two plan entries is only as good as its worst part.
-            self.pages.setdefault(page - self.first_page, (fate, errno))
+        first = start // self.page_size - self.first_page
+        last = (end - 1) // self.page_size + 1 - self.first_page
+        self.marks.append((first, last, fate, errno))
 
     def runs(self) -> list[FateRun]:
+        # A page shared by two plan entries is only as good as its worst part: the first
+        # mark of a page wins, so a later mark only fills what earlier ones left. Marks come
+        # nearly in address order and seldom overlap (at a page two entries share), so each
+        # finds its neighbours by binary search.
+        starts: list[int] = []
+        taken: list[tuple[int, int, Fate, int]] = []
+        for first, last, fate, errno in self.marks:
+            k = bisect.bisect_right(starts, first) - 1
+            k = max(k, 0)
+            pos = first
+            pieces = []
+            while pos < last:
+                while k < len(taken) and taken[k][1] <= pos:
+                    k += 1
+                if k < len(taken) and taken[k][0] <= pos:
+                    pos = taken[k][1]
+                    continue
+                stop = min(last, taken[k][0]) if k < len(taken) else last
+                pieces.append((pos, stop))
+                pos = stop
+            for lo, hi in pieces:
+                at = bisect.bisect_left(starts, lo)
+                starts.insert(at, lo)
+                taken.insert(at, (lo, hi, fate, errno))
         runs: list[FateRun] = []
-        for index in sorted(self.pages):
-            fate, errno = self.pages[index]
-            last = runs[-1] if runs else None
+        for first, last, fate, errno in taken:
+            prev = runs[-1] if runs else None
             if (
-                last
-                and last.start + last.count == index
-                and (last.fate, last.errno) == (fate, errno)
+                prev
+                and prev.start + prev.count == first
+                and (prev.fate, prev.errno)
+                == (
+                    fate,
+                    errno,
+                )
             ):
-                runs[-1] = FateRun(last.start, last.count + 1, fate, errno)
+                runs[-1] = FateRun(prev.start, prev.count + last - first, fate, errno)
             else:
-                runs.append(FateRun(index, 1, fate, errno))
+                runs.append(FateRun(first, last - first, fate, errno))
         return runs
 
 
