@@ -155,8 +155,22 @@ def read_chunk(
                 return sources[only.source].read(paddr, end - paddr), []
             except OSError:
                 large_failed = True
-    buf = bytearray(end - paddr)
     fates = _Fates(paddr, page_size)
+    if all(e.source is None for e in entries):
+        # Nothing of the chunk is read (all skipped or excluded): zeros straight from calloc,
+        # without building and copying a buffer.
+        covered = paddr
+        for e in entries:
+            start, stop = max(paddr, e.start), min(end, e.end)
+            if start < stop:
+                if start > covered:
+                    fates.mark(covered, start, Fate.NOT_COVERED)
+                fates.mark(start, stop, e.fate)
+                covered = stop
+        if covered < end:
+            fates.mark(covered, end, Fate.NOT_COVERED)
+        return bytes(end - paddr), fates.runs()
+    buf = bytearray(end - paddr)
     covered = paddr
     for entry in entries:
         start, stop = max(paddr, entry.start), min(end, entry.end)
