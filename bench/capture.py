@@ -7,7 +7,10 @@ whose /proc/iomem lists it as System RAM, so `collect` runs its real read path.
 
     python bench/capture.py [--size-mib 1024] [--threads N] [--level 1]
 
-Prints figures and ratios; never pass/fail.
+Prints figures and ratios; never pass/fail. Then a cost table: core-seconds per GiB of RAM
+for each stage of the pipeline (read, compress, hash with SHA-256 or BLAKE3, write), each
+measured alone on one core over the same corpus, and the throughput those costs allow at 2,
+16 and 64 cores, naming the stage that bounds it.
 """
 
 from __future__ import annotations
@@ -141,6 +144,112 @@ def sha256_alone(path: Path) -> float:
     return time.perf_counter() - t0
 
 
+GIB = 1 << 30
+
+
+def _cpu_per_gib(work, blocks: list[bytes] | None, path: Path | None = None) -> float:
+    """Core-seconds per GiB of input that ``work(block)`` costs on this thread.
+
+    Thread CPU time (user and system) rather than wall time: a figure per core that other
+    load on the machine does not inflate.
+    """
+    t0 = time.thread_time()
+    n = 0
+    if blocks is not None:
+        for block in blocks:
+            work(block)
+            n += len(block)
+    else:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while block := os.pread(fd, 4 << 20, n):
+                work(block)
+                n += len(block)
+        finally:
+            os.close(fd)
+    return (time.thread_time() - t0) / (n / GIB)
+
+
+def stage_costs(corpus: Path, level: int, out_dir: Path) -> dict[str, float]:
+    """Core-seconds per GiB of RAM for each stage, one at a time on one core."""
+    import hashlib
+
+    import blake3
+    import xxhash
+    import zstandard
+
+    from collector.image import format as fmt
+
+    size = corpus.stat().st_size
+    take = min(size, 512 << 20)  # enough for steady figures; the blocks stay in memory
+    blocks = []
+    with open(corpus, "rb") as f:
+        while len(blocks) * (4 << 20) < take and (b := f.read(4 << 20)):
+            blocks.append(b)
+    costs = {"read": _cpu_per_gib(lambda b: None, None, corpus)}
+    c = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    frames: list[bytes] = []
+
+    def compress(b: bytes) -> None:
+        frame = c.compress(b)
+        xxhash.xxh3_64_intdigest(frame)  # the worker hashes its frame for the DESC
+        frames.append(frame)
+
+    costs["compress"] = _cpu_per_gib(compress, blocks)
+    h = hashlib.sha256()
+    costs["hash sha256"] = _cpu_per_gib(h.update, blocks)
+    b3 = blake3.blake3()  # one thread: its cost per core
+    costs["hash blake3"] = _cpu_per_gib(b3.update, blocks)
+    # The ordered writer: DESC records and the compressed frames, to a file.
+    fd = os.open(out_dir / "stage-write.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    zero = bytes(4 << 20)
+    t0 = time.thread_time()
+    for i, (block, frame) in enumerate(zip(blocks, frames, strict=True)):
+        _ = block == zero  # the all-zero check add_chunk makes
+        os.write(fd, fmt.Desc(i, i << 22, len(block), len(frame), 0, 0).encode())
+        os.write(fd, frame)
+    os.close(fd)
+    costs["write"] = (time.thread_time() - t0) / (sum(map(len, blocks)) / GIB)
+    return costs
+
+
+#: Stages that run on one thread whatever the core count, with each hash choice.
+SERIAL = {"sha256": ("hash sha256", "write"), "blake3": ("write",)}
+
+
+def projection(costs: dict[str, float], hash_name: str, cores: int) -> tuple[float, str]:
+    """GiB/s the stage costs allow on ``cores`` cores, and the stage that bounds it.
+
+    Every stage's work shares the cores; a serial stage also can go no faster than one core
+    runs it. The bound is whichever limit is lower.
+    """
+    stages = ["read", "compress", f"hash {hash_name}", "write"]
+    total = sum(costs[s] for s in stages)
+    best = cores / total
+    bound = f"all cores ({max(stages, key=costs.get)} the largest share)"
+    for s in SERIAL[hash_name]:
+        if 1 / costs[s] < best:
+            best, bound = 1 / costs[s], f"{s} (serial, one core)"
+    return best, bound
+
+
+def print_costs(costs: dict[str, float]) -> None:
+    print("\nstage costs, core-seconds per GiB of RAM (each measured alone on one core):")
+    for name, cost in costs.items():
+        serial = " (serial with --hash sha256)" if name in SERIAL["sha256"] else ""
+        if name == "write":
+            serial = " (serial: one ordered writer)"
+        print(f"  {name:<12} {cost:6.3f}{serial}")
+    print("projected throughput from those costs:")
+    print(f"  cores  {'--hash sha256':<58} --hash blake3")
+    for cores in (2, 16, 64):
+        cells = []
+        for h in ("sha256", "blake3"):
+            gib, bound = projection(costs, h, cores)
+            cells.append(f"{gib * GIB / 1e9:6.2f} GB/s, bound: {bound}")
+        print(f"  {cores:>5}  {cells[0]:<58} {cells[1]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -156,8 +265,8 @@ def main() -> None:
         size = corpus.stat().st_size
         plain_read(corpus), plain_read(root / "dev/mem")  # warm the page cache for all
         print(f"corpus: {size >> 20} MiB ({parts}); {args.threads} threads, level {args.level}")
-        best = {"read": 1e9, "zstd": 1e9, "collect": 1e9, "sha256": 1e9}
-        rss = {"zstd": 0, "collect": 0}
+        best = {"read": 1e9, "zstd": 1e9, "collect": 1e9, "collect-b3": 1e9, "sha256": 1e9}
+        rss = {"zstd": 0, "collect": 0, "collect-b3": 0}
         ratio = {}
         for _ in range(args.repeat):
             best["read"] = min(best["read"], plain_read(corpus))
@@ -178,26 +287,28 @@ def main() -> None:
             best["zstd"], rss["zstd"] = min(best["zstd"], t), max(rss["zstd"], r)
             ratio["zstd"] = size / out.stat().st_size
             img = work / "c.lime.zst"
-            t, r, _ = timed(
-                [
-                    sys.executable,
-                    "-m",
-                    "collector",
-                    "--profile",
-                    "x86_64",
-                    "--sysroot",
-                    str(root),
-                    "-o",
-                    str(img),
-                    "--force",
-                    "--no-progress",
-                    "--json",
-                    f"--threads={args.threads}",
-                    f"--level={args.level}",
-                ]
-            )
-            best["collect"], rss["collect"] = min(best["collect"], t), max(rss["collect"], r)
-            ratio["collect"] = size / img.stat().st_size
+            for key, extra in (("collect", []), ("collect-b3", ["--hash", "blake3"])):
+                t, r, _ = timed(
+                    [
+                        sys.executable,
+                        "-m",
+                        "collector",
+                        "--profile",
+                        "x86_64",
+                        "--sysroot",
+                        str(root),
+                        "-o",
+                        str(img),
+                        "--force",
+                        "--no-progress",
+                        "--json",
+                        f"--threads={args.threads}",
+                        f"--level={args.level}",
+                        *extra,
+                    ]
+                )
+                best[key], rss[key] = min(best[key], t), max(rss[key], r)
+                ratio[key] = size / img.stat().st_size
         gbps = {k: size / v / 1e9 for k, v in best.items()}
         print(f"plain read          {gbps['read']:6.2f} GB/s")
         print(
@@ -209,12 +320,17 @@ def main() -> None:
         print(
             f"collect             {gbps['collect']:6.2f} GB/s  ratio {ratio['collect']:.2f}  peak RSS {rss['collect'] >> 10} MiB"
         )
+        print(
+            f"collect --hash blake3 {gbps['collect-b3']:4.2f} GB/s  ratio {ratio['collect-b3']:.2f}  peak RSS {rss['collect-b3'] >> 10} MiB"
+        )
         print(f"collect / zstd CLI  {gbps['collect'] / gbps['zstd']:6.2f}   (target >= 0.90)")
+        print(f"collect --hash blake3 / zstd CLI {gbps['collect-b3'] / gbps['zstd']:5.2f}")
         print(f"collect / plain read {gbps['collect'] / gbps['read']:5.2f}")
         # The stream hash is serial work on top of compression: with T cores busy at zstd's
         # speed it adds about sha256_time / T of wall time, whatever the pipeline does.
         ceiling = best["zstd"] / (best["zstd"] + best["sha256"] / args.threads)
         print(f"ceiling of collect / zstd CLI with a SHA-256 of the stream: {ceiling:.2f}")
+        print_costs(stage_costs(corpus, args.level, work))
 
 
 if __name__ == "__main__":

@@ -243,8 +243,47 @@ def capture_parser() -> argparse.ArgumentParser:
         default=4 << 20,
         help="RAM per compressed chunk, 1M-4M (default 4M)",
     )
+    p.add_argument(
+        "--hash",
+        choices=["sha256", "blake3"],
+        default="sha256",
+        help="whole-stream hash the image records: sha256 (`zstd -dc IMAGE | sha256sum`, one "
+        "core) or blake3 (`zstd -dc IMAGE | b3sum`, every core); default sha256",
+    )
+    p.add_argument(
+        "--readers",
+        type=int,
+        default=None,
+        help="reader threads, for sources that allow concurrent pread (default: 1 per 2 "
+        "compression threads, at most 8)",
+    )
+    p.add_argument(
+        "--skip",
+        type=_skip_classes,
+        default=frozenset(),
+        metavar="CLASSES",
+        help="leave out pages the live struct page array calls free (buddy lists) or cache "
+        "(clean page cache no process maps), comma-separated; each chunk's struct pages are "
+        "read just before it, and every skipped page is recorded with its own fate",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="with --skip: fail when the struct page array cannot be read, rather than read "
+        "every page",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     return p
+
+
+def _skip_classes(text: str) -> frozenset[str]:
+    chosen = frozenset(c.strip() for c in text.split(",") if c.strip())
+    unknown = sorted(chosen - {"free", "cache"})
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown class {', '.join(unknown) or '(none)'}: choose from free, cache"
+        )
+    return chosen
 
 
 # -- capture ----------------------------------------------------------------------------------
@@ -324,7 +363,15 @@ def _capture(args: argparse.Namespace, argv: list[str]) -> int:
         chunk_size=args.chunk_size,
         force=args.force,
         command_line=["collect", *argv],
+        stream_hash=args.hash,
+        readers=args.readers,
+        skip=args.skip,
+        strict=args.strict,
     )
+    if args.strict and not args.skip:
+        raise CollectorError("--strict applies to --skip only", 2)
+    if options.readers is not None and not 1 <= options.readers <= 64:
+        raise CollectorError("--readers must be between 1 and 64", 2)
     if not (1 << 12) <= options.chunk_size <= (64 << 20) or options.chunk_size % 4096:
         raise CollectorError("--chunk-size must be a multiple of 4 KiB between 4K and 64M", 2)
     if args.dry_run:
@@ -380,7 +427,15 @@ def _print_summary(s: dict, out=sys.stdout) -> None:
             f"not padded: {start:#x}-{end - 1:#x} ({_human(end - start)}): the image ends inside "
             "this range, and `zstd -dc` gives a LiME file cut short there"
         )
-    lines.append(f"sha256 of `zstd -dc`: {s.get('stream_sha256')}")
+    if s.get("skip_note"):
+        lines.append(s["skip_note"])
+    if "skip_seconds" in s:
+        lines.append(
+            f"skip: struct pages read and classified in {s['skip_seconds']:.3f} s "
+            f"({_human(s.get('skip_struct_page_bytes', 0))} of memory map)"
+        )
+    name = s.get("stream_hash", "sha256")
+    lines.append(f"{name} of `zstd -dc`: {s.get('stream_' + name)}")
     print("\n".join(lines), file=out)
 
 
@@ -400,8 +455,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
             include=args.include,
             exclude=args.exclude,
         )
+        if args.mem_usage:
+            return _print_mem_usage(session.mem_usage(options), args.json)
         with session.build_plan(options)[0] as the_plan:
             return _print_plan(the_plan, args.json)
+
+
+def _print_mem_usage(doc: dict, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    print(f"{'class':<24}{'pages':>12}{'bytes':>14}  --skip")
+    for name, g in doc["groups"].items():
+        print(f"{name:<24}{g['pages']:>12}{_human(g['bytes']):>14}  {g['skip'] or '(kept)'}")
+    total = doc["total_pages"]
+    print(f"{'total':<24}{total:>12}{_human(total * doc['page_size']):>14}")
+    print(
+        f"{doc['struct_page_bytes_read']} bytes of struct pages and page tables read through "
+        f"{doc['via']} in {doc['seconds']:.3f} s"
+    )
+    for note in doc["notes"]:
+        print(f"note: {note}")
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -471,6 +546,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         "chunks": report.chunks,
         "stream_bytes": report.stream_bytes,
         "stream_sha256": report.stream_sha256,
+        "stream_hash": report.stream_hash,
+        "stream_digest": report.stream_digest,
         "blobs": report.blobs,
         "errors": report.errors,
         "ram_errors": report.ram_errors,
@@ -486,7 +563,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return status
     out = [
         f"{args.image}: {doc['status']}: {report.chunks} chunks, {report.stream_bytes} bytes",
-        f"stream sha256: {report.stream_sha256}",
+        f"stream {report.stream_hash}: {report.stream_digest}",
     ]
     out += [f"damaged RAM: {e}" for e in report.ram_errors]
     out += [f"damaged metadata: {e}" for e in report.metadata_errors]
@@ -700,6 +777,12 @@ def command_parser(
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("plan", help="print the per-range plan without reading RAM")
     _add_plan_options(p)
+    p.add_argument(
+        "--mem-usage",
+        action="store_true",
+        help="classify this machine's struct pages and print what each --skip class would "
+        "leave out (reads the memory map and page tables, no other RAM)",
+    )
     p.set_defaults(handler=cmd_plan)
 
     p = sub.add_parser("info", help="describe an image")

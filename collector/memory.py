@@ -25,6 +25,8 @@ class Fate(enum.IntEnum):
     EXCLUDED = 4  #: excluded on the user's request
     MISSING = 5  #: planned but absent from the image (capture cut short); reader-side only
     OUTSIDE = 6  #: not in any captured range at all; reader-side only
+    SKIPPED_FREE = 7  #: not read: its struct page said free (``collect --skip free``)
+    SKIPPED_CACHE = 8  #: not read: clean page cache no process maps (``--skip cache``)
 
     @property
     def label(self) -> str:

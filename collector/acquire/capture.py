@@ -3,13 +3,18 @@
 Reads are large (a whole chunk from one source at a time). When a large read fails, that
 part is retried page by page so one bad page costs one page, and its errno is recorded.
 Pages the tool did not read are zero in the stream and carry their fate in the DESC record.
+Where every source allows concurrent ``pread`` (kcore and /dev/mem do), several reader
+threads read the next chunks ahead, a bounded window of them, handed to the writer in
+address order.
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,6 +31,12 @@ class Reader(Protocol):
     """What the capture loop needs of a source: exactly ``size`` bytes, or OSError."""
 
     def read(self, paddr: int, size: int) -> bytes: ...
+
+
+def concurrent_ok(sources: Mapping[str, Reader]) -> bool:
+    """Whether every source serves ``pread`` from several threads at once (a source says
+    so with ``concurrent_reads``; one that does not say is read by one thread)."""
+    return all(getattr(s, "concurrent_reads", False) for s in sources.values())
 
 
 @dataclass
@@ -62,31 +73,63 @@ def iter_chunks(start: int, end: int, chunk_size: int) -> Iterator[tuple[int, in
 
 
 class _Fates:
-    """Per-page fates of one chunk, folded into runs at the end."""
+    """Fates of one chunk's pages, kept as page intervals and folded into runs at the end.
+
+    Intervals, not pages: a chunk whose pages are skipped or unreadable in long stretches
+    costs a few list entries, not a dictionary entry per page.
+    """
 
     def __init__(self, paddr: int, page_size: int) -> None:
         self.first_page = paddr // page_size
         self.page_size = page_size
-        self.pages: dict[int, tuple[Fate, int]] = {}
+        #: ``(first, end, fate, errno)`` page indexes within the chunk, in marking order
+        self.marks: list[tuple[int, int, Fate, int]] = []
 
     def mark(self, start: int, end: int, fate: Fate, errno: int = 0) -> None:
-        for page in range(start // self.page_size, (end - 1) // self.page_size + 1):
-            # A page shared by two plan entries is only as good as its worst part.
-            self.pages.setdefault(page - self.first_page, (fate, errno))
+        first = start // self.page_size - self.first_page
+        last = (end - 1) // self.page_size + 1 - self.first_page
+        self.marks.append((first, last, fate, errno))
 
     def runs(self) -> list[FateRun]:
+        # A page shared by two plan entries is only as good as its worst part: the first
+        # mark of a page wins, so a later mark only fills what earlier ones left. Marks come
+        # nearly in address order and seldom overlap (at a page two entries share), so each
+        # finds its neighbours by binary search.
+        starts: list[int] = []
+        taken: list[tuple[int, int, Fate, int]] = []
+        for first, last, fate, errno in self.marks:
+            k = bisect.bisect_right(starts, first) - 1
+            k = max(k, 0)
+            pos = first
+            pieces = []
+            while pos < last:
+                while k < len(taken) and taken[k][1] <= pos:
+                    k += 1
+                if k < len(taken) and taken[k][0] <= pos:
+                    pos = taken[k][1]
+                    continue
+                stop = min(last, taken[k][0]) if k < len(taken) else last
+                pieces.append((pos, stop))
+                pos = stop
+            for lo, hi in pieces:
+                at = bisect.bisect_left(starts, lo)
+                starts.insert(at, lo)
+                taken.insert(at, (lo, hi, fate, errno))
         runs: list[FateRun] = []
-        for index in sorted(self.pages):
-            fate, errno = self.pages[index]
-            last = runs[-1] if runs else None
+        for first, last, fate, errno in taken:
+            prev = runs[-1] if runs else None
             if (
-                last
-                and last.start + last.count == index
-                and (last.fate, last.errno) == (fate, errno)
+                prev
+                and prev.start + prev.count == first
+                and (prev.fate, prev.errno)
+                == (
+                    fate,
+                    errno,
+                )
             ):
-                runs[-1] = FateRun(last.start, last.count + 1, fate, errno)
+                runs[-1] = FateRun(prev.start, prev.count + last - first, fate, errno)
             else:
-                runs.append(FateRun(index, 1, fate, errno))
+                runs.append(FateRun(first, last - first, fate, errno))
         return runs
 
 
@@ -112,8 +155,22 @@ def read_chunk(
                 return sources[only.source].read(paddr, end - paddr), []
             except OSError:
                 large_failed = True
-    buf = bytearray(end - paddr)
     fates = _Fates(paddr, page_size)
+    if all(e.source is None for e in entries):
+        # Nothing of the chunk is read (all skipped or excluded): zeros straight from calloc,
+        # without building and copying a buffer.
+        covered = paddr
+        for e in entries:
+            start, stop = max(paddr, e.start), min(end, e.end)
+            if start < stop:
+                if start > covered:
+                    fates.mark(covered, start, Fate.NOT_COVERED)
+                fates.mark(start, stop, e.fate)
+                covered = stop
+        if covered < end:
+            fates.mark(covered, end, Fate.NOT_COVERED)
+        return bytes(end - paddr), fates.runs()
+    buf = bytearray(end - paddr)
     covered = paddr
     for entry in entries:
         start, stop = max(paddr, entry.start), min(end, entry.end)
@@ -181,6 +238,31 @@ def _mark_kernel_zero(
         pos = nxt
 
 
+@dataclass
+class _Job:
+    index: int  # chunk number within its range
+    start: int  # the range's start and end
+    end: int
+    c_start: int
+    c_end: int
+    entries: list
+
+
+def _jobs(plan, chunk_size: int) -> Iterator[_Job]:
+    entries = sorted(plan.entries, key=lambda e: e.start)
+    ends = [e.end for e in entries]
+    for r in plan.ram_ranges:
+        for i, (c_start, c_end) in enumerate(iter_chunks(r.start, r.end, chunk_size)):
+            # Entries are sorted and disjoint: the first one ending after the chunk's start,
+            # and those following it that start before the chunk's end.
+            k = bisect.bisect_right(ends, c_start)
+            overlapping = []
+            while k < len(entries) and entries[k].start < c_end:
+                overlapping.append(entries[k])
+                k += 1
+            yield _Job(i, r.start, r.end, c_start, c_end, overlapping)
+
+
 def run_capture(
     plan,
     sources: Mapping[str, Reader],
@@ -188,6 +270,8 @@ def run_capture(
     *,
     stop: threading.Event | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    readers: int = 1,
+    skip: Callable[[int, int], list[tuple[int, int, Fate]]] | None = None,
 ) -> CaptureResult:
     """Capture every range of ``plan`` into ``writer``; stops early when ``stop`` is set.
 
@@ -196,39 +280,103 @@ def run_capture(
     :param writer: the image writer; the caller finishes it.
     :param stop: set by a signal handler: the current chunk is completed, the range under
         way is padded (up to :data:`PAD_LIMIT`), then the loop ends.
+    :param readers: reader threads when the sources allow concurrent reads; at most
+        ``2 * readers`` chunks are read ahead of the writer.
+    :param skip: asked for each chunk ``[start, end)`` just before it is read: the
+        ``(start, end, fate)`` runs of pages to leave unread, recorded with that fate.
     """
-    ranges = [(r.start, r.end) for r in plan.ram_ranges]
-    progress = Progress(total_bytes=sum(e - s for s, e in ranges))
+    progress = Progress(total_bytes=sum(r.end - r.start for r in plan.ram_ranges))
     result = CaptureResult(progress)
-    entries = sorted(plan.entries, key=lambda e: e.start)
-    ends = [e.end for e in entries]
-    for start, end in ranges:
-        for i, (c_start, c_end) in enumerate(iter_chunks(start, end, writer.chunk_size)):
-            if stop is not None and stop.is_set():
-                result.stopped_by = getattr(stop, "reason", "interrupted")
-                if i and end - c_start <= PAD_LIMIT:
-                    pad_range(writer, c_start, end)
-                elif i:
-                    result.unpadded = (c_start, end)
-                return result
-            # Entries are sorted and disjoint: the first one ending after the chunk's start,
-            # and those following it that start before the chunk's end.
-            k = bisect.bisect_right(ends, c_start)
-            overlapping = []
-            while k < len(entries) and entries[k].start < c_end:
-                overlapping.append(entries[k])
-                k += 1
-            data, runs = read_chunk(c_start, c_end, overlapping, sources, writer.page_size)
-            if i == 0:
-                writer.add_chunk(c_start, data, runs, start, end)
+    page = writer.page_size
+
+    def read(job: _Job) -> tuple[bytes, list[FateRun]]:
+        entries = job.entries
+        if skip is not None:
+            # Decided from the chunk's struct pages read just now, right before its RAM.
+            entries = without(entries, skip(job.c_start, job.c_end))
+        return read_chunk(job.c_start, job.c_end, entries, sources, page)
+
+    jobs = _jobs(plan, writer.chunk_size)
+    pool = None
+    if readers > 1 and concurrent_ok(sources):
+        pool = ThreadPoolExecutor(readers, thread_name_prefix="read")
+    window: deque[tuple[_Job, Future]] = deque()
+    try:
+        while True:
+            if pool is not None:
+                while len(window) < 2 * readers:
+                    job = next(jobs, None)
+                    if job is None:
+                        break
+                    window.append((job, pool.submit(read, job)))
+                if not window:
+                    break
+                job, pending = window[0]
             else:
-                writer.add_chunk(c_start, data, runs)
-            progress.done_bytes += c_end - c_start
+                job = next(jobs, None)
+                if job is None:
+                    break
+            if stop is not None and stop.is_set():
+                # Chunks read ahead are dropped: the one under way was the last written.
+                result.stopped_by = getattr(stop, "reason", "interrupted")
+                if job.index and job.end - job.c_start <= PAD_LIMIT:
+                    pad_range(writer, job.c_start, job.end)
+                elif job.index:
+                    result.unpadded = (job.c_start, job.end)
+                return result
+            if pool is not None:
+                window.popleft()
+                data, runs = pending.result()
+            else:
+                data, runs = read(job)
+            if job.index == 0:
+                writer.add_chunk(job.c_start, data, runs, job.start, job.end)
+            else:
+                writer.add_chunk(job.c_start, data, runs)
+            progress.done_bytes += job.c_end - job.c_start
             progress.chunks += 1
             progress.unreadable_pages += sum(r.count for r in runs if r.fate == Fate.UNREADABLE)
             if on_progress is not None:
                 on_progress(progress)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     return result
+
+
+@dataclass
+class _Piece:
+    """A plan entry cut around skipped pages (what :func:`read_chunk` reads of an entry)."""
+
+    start: int
+    end: int
+    source: str | None
+    fate: Fate = Fate.READ
+    kernel_zero: bool = False
+
+
+def without(entries: list, runs: list[tuple[int, int, Fate]]) -> list:
+    """``entries`` with the ``runs`` cut out of those that read a source, each run becoming
+    a piece of its own with no source and the run's fate. Entries and runs are sorted."""
+    if not runs:
+        return entries
+    out: list = []
+    for e in entries:
+        if e.source is None:
+            out.append(e)
+            continue
+        pos = e.start
+        for start, end, fate in runs:
+            lo, hi = max(start, e.start), min(end, e.end)
+            if lo >= hi:
+                continue
+            if lo > pos:
+                out.append(_Piece(pos, lo, e.source, Fate.READ, e.kernel_zero))
+            out.append(_Piece(lo, hi, None, fate))
+            pos = hi
+        if pos < e.end:
+            out.append(_Piece(pos, e.end, e.source, Fate.READ, e.kernel_zero))
+    return out
 
 
 def pad_range(writer: ImageWriter, start: int, end: int) -> None:

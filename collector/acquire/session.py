@@ -7,6 +7,7 @@ stays readable up to its last complete chunk either way.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import platform
@@ -43,6 +44,18 @@ class CaptureOptions:
     chunk_size: int = 4 << 20
     force: bool = False
     command_line: list[str] = field(default_factory=list)
+    stream_hash: str = "sha256"
+    #: reader threads (None: :func:`default_readers`)
+    readers: int | None = None
+    #: ``--skip`` classes (``free``, ``cache``, ``zero``) and ``--strict``
+    skip: frozenset[str] = frozenset()
+    strict: bool = False
+
+
+def default_readers(threads: int | None) -> int:
+    """Reader threads for ``threads`` compressors: a 4 MiB pread from kcore costs about a
+    third of compressing it at level 1, so one reader per two compressors keeps them fed."""
+    return max(1, min(8, (threads or os.cpu_count() or 1) // 2))
 
 
 def default_output_name(sysroot: Sysroot) -> str:
@@ -120,7 +133,13 @@ def run(options: CaptureOptions, on_progress: Callable | None = None) -> tuple[d
                     lambda paddr, size: _read_phys(the_plan, paddr, size),
                     page_size=the_plan.page_size,
                 )
+                live, skip_note = _open_skip(options, the_plan, gathered)
                 meta = _header_metadata(options, root, the_plan, iomem_text, gathered, started)
+                meta["skip"] = {
+                    "classes": sorted(options.skip),
+                    "in_use": live is not None,
+                    "note": skip_note,
+                }
                 path = options.output or default_output_name(root)
                 stop = sig.defer()
                 if stop.is_set():
@@ -131,8 +150,10 @@ def run(options: CaptureOptions, on_progress: Callable | None = None) -> tuple[d
             out = outfile.create_in_place(path, options.force)
             try:
                 summary, result = _write_image(
-                    the_plan, out, path, options, meta, gathered, stop, t0, on_progress
+                    the_plan, out, path, options, meta, gathered, stop, t0, on_progress, live
                 )
+                if skip_note:
+                    summary["skip_note"] = skip_note
             finally:
                 out.close()
     status = EXIT_SIGNAL.get(stop.signum, 1) if result.stopped_by else 0
@@ -149,6 +170,7 @@ def _write_image(
     stop: signals.StopRequest,
     t0: float,
     on_progress: Callable | None,
+    live=None,
 ) -> tuple[dict, capture.CaptureResult]:
     summary: dict = {"output": path, "plan": meta["plan"]}
     writer: ImageWriter | None = None
@@ -160,17 +182,33 @@ def _write_image(
             metadata=meta,
             level=options.level,
             threads=options.threads,
+            stream_hash=options.stream_hash,
+            # Skipped pages carry fates a version 2 reader does not know.
+            version=3 if live is not None else None,
         )
         for name, data in gathered.blobs.items():
             writer.add_blob(name, data)
         result = capture.run_capture(
-            the_plan, the_plan.sources, writer, stop=stop, on_progress=on_progress
+            the_plan,
+            the_plan.sources,
+            writer,
+            stop=stop,
+            on_progress=on_progress,
+            readers=options.readers or default_readers(options.threads),
+            skip=(
+                (lambda start, end: live.skip_runs(start, end, options.skip))
+                if live is not None
+                else None
+            ),
         )
         end = {
             "end_time": dt.datetime.now(dt.UTC).isoformat(),
             "seconds": round(time.monotonic() - t0, 3),
             "stopped_by": result.stopped_by,
         }
+        if live is not None:
+            end["skip_seconds"] = round(live.seconds, 3)
+            end["skip_struct_page_bytes"] = live.memory.bytes_read
         record = writer.finish(end, clean=result.stopped_by is None)
     except OutputError as e:
         raise CollectorError(
@@ -185,6 +223,80 @@ def _write_image(
     if result.unpadded is not None:
         summary["unpadded"] = [result.unpadded[0], result.unpadded[1]]
     return summary, result
+
+
+def mem_usage(options: CaptureOptions) -> dict:
+    """What each ``--skip`` class would leave out on this machine now (``collect plan
+    --mem-usage``), from its live struct pages; reads no other RAM than those and the page
+    tables on the way (and the VMCOREINFO note where kcore does not carry it).
+
+    :raises CollectorError: the struct page array cannot be read or is not understood.
+    """
+    from collector.acquire import live
+
+    root = Sysroot(options.sysroot)
+    if root.is_live:
+        host.require_root()
+    the_plan, _ = build_plan(options)
+    with the_plan:
+        kcore = the_plan.kcore
+        blobs = {}
+        if kcore is not None and kcore.vmcoreinfo:
+            blobs["vmcoreinfo"] = kcore.vmcoreinfo.encode()
+        else:
+            gathered = metadata.gather(
+                root,
+                None,
+                None,
+                lambda paddr, size: _read_phys(the_plan, paddr, size),
+                page_size=the_plan.page_size,
+            )
+            blobs.update(gathered.blobs)
+        with contextlib.suppress(OSError):
+            blobs["btf"] = host.read_limited(root, "/sys/kernel/btf/vmlinux", 64 << 20)
+        try:
+            pages = live.open_live_pages(the_plan, blobs)
+        except live.LiveUnavailable as e:
+            raise CollectorError(f"--mem-usage: {e}") from None
+        usage = pages.usage()
+        page = the_plan.page_size
+        return {
+            "page_size": page,
+            "via": "/proc/kcore vmemmap segments"
+            if kcore is not None and pages.memory.bytes_read
+            else "page tables and /dev/mem",
+            "groups": {
+                name: {
+                    "pages": n,
+                    "bytes": n * page,
+                    "skip": live.GROUP_SKIP.get(name),
+                }
+                for name, n in usage.pages.items()
+            },
+            "zero": "not known before reading the RAM: --skip zero is not offered",
+            "total_pages": sum(usage.pages.values()),
+            "seconds": round(usage.seconds, 3),
+            "struct_page_bytes_read": usage.bytes_read,
+            "notes": usage.notes,
+        }
+
+
+def _open_skip(options: CaptureOptions, the_plan: planning.Plan, gathered: metadata.Gathered):
+    """The live struct page array for ``--skip``, or None and the one line saying why not.
+
+    :raises CollectorError: it cannot be used and ``--strict`` was given.
+    """
+    wanted = options.skip - {"zero"}
+    if not wanted:
+        return None, None
+    from collector.acquire import live
+
+    try:
+        return live.open_live_pages(the_plan, gathered.blobs), None
+    except live.LiveUnavailable as e:
+        if options.strict:
+            raise CollectorError(f"--skip {','.join(sorted(options.skip))} --strict: {e}") from None
+        return None, f"--skip not applied, every page is read: {e}"
 
 
 def _read_phys(the_plan: planning.Plan, paddr: int, size: int) -> bytes:
@@ -218,6 +330,8 @@ def _header_metadata(
         "page_size": the_plan.page_size,
         "chunk_size": options.chunk_size,
         "compression": {"level": options.level, "threads": options.threads or os.cpu_count()},
+        "stream_hash": options.stream_hash,
+        "readers": options.readers or default_readers(options.threads),
         "blobs": sorted(gathered.blobs),
         "missing_metadata": gathered.missing,
         "vmcoreinfo_location": metadata.vmcoreinfo_location(root),

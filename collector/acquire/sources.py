@@ -92,6 +92,9 @@ class Source:
 
     #: The absolute path of the file, which is also the source's name in a plan.
     name: str = ""
+    #: Whether several threads may ``pread`` it at once: /dev/mem and /proc/kcore serve each
+    #: read on its own (read_mem() and read_kcore_iter() keep no state between reads).
+    concurrent_reads: bool = True
 
     def __init__(self, sysroot: Sysroot | str | os.PathLike[str] = "/") -> None:
         self.sysroot = as_sysroot(sysroot)
@@ -181,6 +184,9 @@ class DevCrash(Source):
     """
 
     name = DEV_CRASH
+    # Its driver serves one page per call through one shared mapping on some releases; one
+    # reader keeps it as it was tested.
+    concurrent_reads = False
 
     def read(self, paddr: int, size: int) -> bytes:
         out = []

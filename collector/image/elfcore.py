@@ -58,6 +58,9 @@ MAX_PROBLEMS = 100
 X86_64_PAGE_OFFSET_L4 = 0xFFFF880000000000
 X86_64_DIRECT_MAP_SIZE_L4 = 1 << 46
 
+#: Fates a page-fates note may give: any but READ and the reader-side OUTSIDE.
+_NOTE_FATES = frozenset(int(f) for f in Fate if f not in (Fate.READ, Fate.OUTSIDE))
+
 
 @dataclass(frozen=True)
 class ElfSegment:
@@ -374,7 +377,7 @@ class ElfCore(FileImage):
         for paddr, count, fate, errno in PAGE_FATES_RECORD.iter_unpack(
             memoryview(desc)[PAGE_FATES_HEAD.size :]
         ):
-            if not 1 <= fate < Fate.OUTSIDE or paddr < end or paddr % page_size or count < 1:
+            if fate not in _NOTE_FATES or paddr < end or paddr % page_size or count < 1:
                 self._problem(
                     f"COLLECTOR page-fates note: record at {paddr:#x} is out of order or not "
                     "a fate; the note is ignored"

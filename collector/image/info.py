@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from collector.image import format as image_format
 from collector.image.reader import NativeImage
 
 
@@ -97,7 +98,12 @@ def image_info(
             "pages_not_read_in_image": fates,
             "unreadable_errnos": _counts(end.get("unreadable_errnos")),
             "stream_sha256": _typed(end.get("stream_sha256"), str),
+            "stream_hash": _typed(image_format.end_stream_hash(end)[0], str),
+            "stream_digest": _typed(image_format.end_stream_hash(end)[1], str),
             "stream_bytes": _typed(end.get("stream_bytes"), int),
+            "skip": _dict(meta.get("skip")),
+            "skip_seconds": _typed(end.get("skip_seconds"), (int, float)),
+            "skip_struct_page_bytes": _typed(end.get("skip_struct_page_bytes"), int),
             "blobs": sorted(memory.blobs),
             "missing_metadata": _dict(meta.get("missing_metadata")),
             "problems": memory.problems,
@@ -161,10 +167,22 @@ def format_info(info: dict) -> str:
         lines.append(f"missing:  {s:#x}-{e - 1:#x}")
     if info.get("pages"):
         lines.append("fates:    " + ", ".join(f"{k} {v}" for k, v in info["pages"].items()))
+    skip = info.get("skip") or {}
+    if skip.get("classes"):
+        if info.get("skip_seconds") is not None:
+            how = (
+                f"struct pages read and classified before each chunk, "
+                f"{info['skip_seconds']} s in all ({info.get('skip_struct_page_bytes')} bytes)"
+            )
+        else:
+            how = str(skip.get("note") or "not applied")
+        lines.append(f"skip:     {','.join(map(str, skip['classes']))}: {how}")
     for errno, count in (info.get("unreadable_errnos") or {}).items():
         name = os.strerror(int(errno)) if errno.isdigit() and int(errno) < 4096 else errno
         lines.append(f"errno:    {name}: {count} pages")
-    lines.append(f"sha256:   {info.get('stream_sha256')} (of `zstd -dc`)")
+    name = info.get("stream_hash") or "sha256"
+    check = image_format.STREAM_HASHES.get(name, name)
+    lines.append(f"{name + ':':<10}{info.get('stream_digest')} (`zstd -dc IMAGE | {check}`)")
     lines.append(f"blobs:    {', '.join(info['blobs'])}")
     for k, v in (info.get("missing_metadata") or {}).items():
         lines.append(f"no {k}: {v}")

@@ -843,6 +843,10 @@ class VerifyReport:
     complete: bool
     chunks: int = 0
     stream_bytes: int = 0
+    #: the whole-stream hash the image records (``sha256`` or ``blake3``) and its digest of
+    #: the stream as walked; ``stream_sha256`` is that digest for SHA-256 images.
+    stream_hash: str = "sha256"
+    stream_digest: str = ""
     stream_sha256: str = ""
     blobs: list[str] = field(default_factory=list)
     ram_errors: list[str] = field(default_factory=list)
@@ -880,7 +884,8 @@ class _Verifier:
     def __init__(self, img: NativeImage) -> None:
         self.img = img
         self.r = VerifyReport(img.version, complete=img.end is not None and not img.problems)
-        self.stream = hashlib.sha256()
+        self.r.stream_hash = _stream_hash_name(img)
+        self.stream = fmt.stream_hasher(self.r.stream_hash)
         self.meta = hashlib.sha256()
         self.walked: list[tuple[int, int]] = [(img._header_size, 0)]
         self.rows: list[fmt.IndexRow] = []
@@ -930,7 +935,9 @@ class _Verifier:
             self.metadata("the image ends without its seek table")
         self.check_end()
         self.check_blobs()
-        r.stream_sha256 = self.stream.hexdigest()
+        r.stream_digest = self.stream.hexdigest()
+        if r.stream_hash == "sha256":
+            r.stream_sha256 = r.stream_digest
         try:
             r.missing = img.missing_ranges()
         except ImageError as e:
@@ -1078,10 +1085,18 @@ class _Verifier:
             self.ram(
                 f"the END record counts {end.get('chunks')} chunks but the image holds {r.chunks}"
             )
-        if end.get("stream_sha256") != self.stream.hexdigest():
+        name, recorded = fmt.end_stream_hash(end)
+        if name not in fmt.STREAM_HASHES:
+            self.metadata(f"the END record names a stream hash this reader does not know: {name}")
+        elif name != self.r.stream_hash:
+            self.metadata(
+                f"the END record names stream hash {name!r}, the header {self.r.stream_hash!r}"
+            )
+        elif recorded != self.stream.hexdigest():
+            what = {"sha256": "SHA-256", "blake3": "BLAKE3"}[name]
             self.ram(
-                "whole-stream SHA-256 does not match the one the image records "
-                f"({self.stream.hexdigest()} != {end.get('stream_sha256')})"
+                f"whole-stream {what} does not match the one the image records "
+                f"({self.stream.hexdigest()} != {recorded})"
             )
         if self.img.version >= 2 and end.get("metadata_sha256") != self.meta.hexdigest():
             self.metadata("the metadata records are not those the END record's hash covers")
@@ -1096,6 +1111,14 @@ class _Verifier:
         for name in self.r.blobs:
             if name not in announced:
                 self.metadata(f"blob {name!r} is not among those the header announces")
+
+
+def _stream_hash_name(img: NativeImage) -> str:
+    """The stream hash to compute: the END record's, else the header's, else SHA-256 (every
+    image before version 3). A name this reader does not know is checked as SHA-256 and will
+    not match, which the report then says."""
+    name = fmt.end_stream_hash(img.end)[0] if img.end else img.metadata.get("stream_hash")
+    return name if name in fmt.STREAM_HASHES else "sha256"
 
 
 def _planned_ranges(value: object) -> list[tuple[int, int]]:

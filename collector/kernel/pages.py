@@ -703,16 +703,31 @@ class PageWalker:
     :param kernel: the kernel of the image.
     :param with_pcp: walk the per-CPU free lists (needs BTF); without it their pages count as
         ``zero-refcount``.
+    :param spans: PFN ranges ``[start, end)`` whose struct pages exist, to walk instead of
+        those ``node_data`` and ``mem_section`` give (one node 0 without zones is assumed). A
+        live machine's System RAM is such a list: reading it costs no kernel data besides
+        the struct pages.
     """
 
-    def __init__(self, kernel: Kernel, with_pcp: bool = True) -> None:
+    def __init__(
+        self,
+        kernel: Kernel,
+        with_pcp: bool = True,
+        spans: list[tuple[int, int]] | None = None,
+    ) -> None:
         self.kernel = kernel
         self._lock = threading.Lock()
         self.format = page_format(kernel)
         self.notes = list(self.format.notes)
-        self.nodes = nodes(kernel)
-        end = max(n.end for n in self.nodes)
-        self.sections = sections(kernel, end)
+        if spans is not None:
+            if not spans:
+                raise NotApplicable("no page frames to classify")
+            self.nodes = [Node(0, min(s for s, _ in spans), max(e for _, e in spans), [], 0)]
+            self.sections = sorted(spans)
+        else:
+            self.nodes = nodes(kernel)
+            end = max(n.end for n in self.nodes)
+            self.sections = sections(kernel, end)
         self.vmemmap = kernel.layout.vmemmap_base
         page_size = kernel.memory.page_size or 4096
         ram = []

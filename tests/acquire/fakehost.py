@@ -114,6 +114,9 @@ class FakeRead:
     spans: tuple[tuple[int, int], ...]
     virtual: bool
     error: int
+    #: PFNs ``[first, last)`` whose struct pages a kcore read of the vmemmap returned (only
+    #: with a ``memory_map``; without one, vmemmap reads are ``virtual``).
+    struct_pages: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -183,11 +186,12 @@ class _Kernel:
             time.sleep(delay)
         spans: list[tuple[int, int]] = []
         virtual = [False]
+        struct_pages: list[int] = []
         try:
             if name == "mem":
                 data = self._read_mem(size, offset, spans)
             elif name == "kcore":
-                data = self._read_kcore(size, offset, spans, virtual)
+                data = self._read_kcore(size, offset, spans, virtual, struct_pages)
             elif name == "crash":
                 data = self._read_crash(size, offset, spans)
             else:
@@ -195,7 +199,8 @@ class _Kernel:
         except OSError as exc:
             self._log(FakeRead(name, offset, size, tuple(spans), virtual[0], exc.errno or 0))
             raise
-        self._log(FakeRead(name, offset, size, tuple(spans), virtual[0], 0))
+        pfns = (min(struct_pages), max(struct_pages)) if struct_pages else None
+        self._log(FakeRead(name, offset, size, tuple(spans), virtual[0], 0, pfns))
         return data
 
     def _log(self, record: FakeRead) -> None:
@@ -251,7 +256,14 @@ class _Kernel:
             raise OSError(errno.EFAULT, os.strerror(errno.EFAULT))
         return f.phys_bytes(offset, offset + size)
 
-    def _read_kcore(self, size: int, offset: int, spans: list, virtual: list) -> bytes:
+    def _read_kcore(
+        self,
+        size: int,
+        offset: int,
+        spans: list,
+        virtual: list,
+        struct_pages: list | None = None,
+    ) -> bytes:
         f = self.fake
         total = f.kcore_size
         if offset >= total or size == 0:
@@ -275,7 +287,15 @@ class _Kernel:
                 out += bytes(stop - pos)  # read_kcore() clears what no segment covers
             else:
                 stop = min(end, pos + (seg.vaddr + seg.size - vaddr))
-                if seg.paddr is None:
+                if seg.kind == "vmemmap" and f.memory_map is not None:
+                    out += f.struct_page_bytes(vaddr, stop - pos)
+                    if struct_pages is not None:
+                        first = (vaddr - VMEMMAP_BASE) // SIZEOF_PAGE
+                        struct_pages += [
+                            first,
+                            -(-(vaddr + stop - pos - VMEMMAP_BASE) // SIZEOF_PAGE),
+                        ]
+                elif seg.paddr is None:
                     virtual[0] = True
                     out += bytes(stop - pos)
                 else:
@@ -303,6 +323,9 @@ class FakeHost:
     :param kernel_config: write /proc/config.gz saying whether CONFIG_STRICT_DEVMEM is set.
     :param mode: ``fuse``, ``emulated``, or None to use FUSE when it can mount.
     :param check_reads: on a clean exit, fail if any read touched memory outside the RAM.
+    :param memory_map: a :class:`collector.testing.pages.MemoryMap` (64-byte struct pages,
+        built with ``ram=False``) whose struct pages kcore's vmemmap segments serve, whose
+        BTF is /sys/kernel/btf/vmlinux and whose VMCOREINFO lines join the fake's.
     """
 
     def __init__(
@@ -324,6 +347,7 @@ class FakeHost:
         mode: str | None = None,
         check_reads: bool = True,
         vmcoreinfo: str | None = None,
+        memory_map=None,
     ) -> None:
         if kcore_layout not in ("p_paddr", "p_paddr=0"):
             raise ValueError(f"kcore_layout {kcore_layout!r}")
@@ -344,6 +368,7 @@ class FakeHost:
         self.mode: str | None = None
         self.check_reads = check_reads
         self.reads: list[FakeRead] = []
+        self.memory_map = memory_map
         self.allowed: list[tuple[int, int]] = []
         #: Seconds each read of a device (``mem``, ``kcore``, ``crash``) takes; ``slow_read``
         #: is set when such a read starts.
@@ -477,7 +502,25 @@ class FakeHost:
             f"KERNELOFFSET={self.text_vaddr - 0xFFFFFFFF81000000 & U64:x}",
             f"VMCOREINFO_PADDR={self.vmcoreinfo_paddr:x}",
         ]
+        if self.memory_map is not None:
+            have = {line.split("=")[0] for line in lines}
+            lines += [x for x in self.memory_map.sk.vmcoreinfo_extra if x.split("=")[0] not in have]
         return "\n".join(lines) + "\n"
+
+    def struct_page_bytes(self, vaddr: int, size: int) -> bytes:
+        """What the vmemmap holds at ``vaddr``: the memory map's struct pages (zeros for
+        PFNs it does not describe)."""
+        mm = self.memory_map
+        out = bytearray(size)
+        first = (vaddr - VMEMMAP_BASE) // SIZEOF_PAGE
+        last = -(-(vaddr + size - VMEMMAP_BASE) // SIZEOF_PAGE)
+        lo, hi = max(first, mm.start), min(last, mm.start + mm.count)
+        if lo < hi:
+            data = mm.array(lo, hi - lo)
+            base = VMEMMAP_BASE + lo * SIZEOF_PAGE
+            a, b = max(base, vaddr), min(base + len(data), vaddr + size)
+            out[a - vaddr : b - vaddr] = data[a - base : b - base]
+        return bytes(out)
 
     def _vmcoreinfo_note(self) -> bytes:
         desc = self.vmcoreinfo.encode()
@@ -597,10 +640,13 @@ class FakeHost:
             f"MemTotal:       {total_kb} kB\nMemFree:        {total_kb // 2} kB\n"
             f"MemAvailable:   {total_kb // 2} kB\n",
         )
-        # A valid, empty BTF blob: struct btf_header with no types and one NUL string.
+        # A valid, empty BTF blob (struct btf_header with no types and one NUL string), or
+        # the memory map's, which describes struct page.
         put(
             "/sys/kernel/btf/vmlinux",
-            struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, 0, 0, 1) + b"\0",
+            self.memory_map.sk.btf
+            if self.memory_map is not None
+            else struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, 0, 0, 1) + b"\0",
         )
         # kernel/ksysfs.c vmcoreinfo_show(): "%pa %x\n" of the note's address and
         # VMCOREINFO_NOTE_SIZE (0x1024 with 4 KiB pages).
