@@ -7,8 +7,8 @@ it through the command-line entry point, in this process. What each must do:
 
 - return an exit status, with any error as one ``collect: ...`` line on stderr (an exception
   escaping ``main`` is a traceback for the user, and fails the test);
-- finish within :data:`SECONDS`, the process's peak memory never growing by more than
-  :data:`MAX_MEMORY`;
+- finish within :data:`~tests.fuzz.limits.SECONDS`, the process's peak memory never growing by more than
+  :data:`~tests.fuzz.limits.MAX_MEMORY`;
 - write no export larger than what the input holds plus its headers;
 - for native images damaged (not forged), serve every page either as the bytes written or
   not at all.
@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import resource
-import signal
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -37,10 +34,8 @@ from collector.errors import ImageError
 from collector.image.reader import NativeImage
 from collector.memory import PageNotCaptured
 from tests.fuzz import mutators
+from tests.fuzz.limits import EXAMPLES, bounded
 
-EXAMPLES = int(os.environ.get("COLLECTOR_FUZZ_EXAMPLES", "0"))
-SECONDS = 10
-MAX_MEMORY = 512 << 20
 COMMANDS: list[list[str]] = [
     ["info", "{image}"],
     ["info", "{image}", "--json"],
@@ -71,33 +66,6 @@ def fuzz_settings(ci_examples: int) -> settings:
         derandomize=not EXAMPLES,  # CI: the same examples every run
         database=None,
     )
-
-
-class _Hang(BaseException):
-    """Raised by the alarm: a command ran longer than SECONDS."""
-
-
-#: The process's peak resident size before any example ran, in bytes.
-_BASELINE = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
-
-
-@contextlib.contextmanager
-def bounded(what: str):
-    """Fail ``what`` if it runs longer than SECONDS, or if the process's peak resident size
-    (which only grows) ever passes the baseline plus MAX_MEMORY."""
-
-    def ring(*_: object) -> None:
-        raise _Hang(f"{what} ran longer than {SECONDS} s")
-
-    old = signal.signal(signal.SIGALRM, ring)
-    signal.alarm(SECONDS)
-    try:
-        yield
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
-        assert peak - _BASELINE < MAX_MEMORY, f"{what}: peak RSS grew by {peak >> 20} MiB"
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def run_commands(path: Path, out: Path, held: int) -> None:

@@ -14,18 +14,14 @@ can reach a plugin. Each analysis must then:
   value), never with a Python error of its own (a TypeError, an IndexError, a KeyError...), which
   `collect analyze` reports as a failed plugin;
 - give every record the declared field types;
-- finish within :data:`SECONDS` without the process's memory growing by :data:`MAX_MEMORY`.
+- finish within the limits of tests/fuzz/limits.py (time, and growth of the process's memory).
 
 CI runs a fixed set of examples per kernel; ``python -m tests.fuzz --examples N`` runs more.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
-import resource
-import signal
 from collections.abc import Callable, Iterator
 from functools import cache
 
@@ -39,10 +35,8 @@ from collector.errors import CollectorError
 from collector.image.sparse import SparseMemory
 from collector.kernel.kernel import Kernel
 from collector.plugin_manager import PluginManager
+from tests.fuzz.limits import EXAMPLES, bounded
 
-EXAMPLES = int(os.environ.get("COLLECTOR_FUZZ_EXAMPLES", "0"))
-SECONDS = 10
-MAX_MEMORY = 512 << 20
 PAGE = 4096
 
 
@@ -139,29 +133,6 @@ def pristine(name: str) -> Kernel:
 @cache
 def manager() -> PluginManager:
     return PluginManager(autoload=False)
-
-
-class _Hang(BaseException):
-    """Raised by the alarm: an analysis ran longer than SECONDS."""
-
-
-_BASELINE = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
-
-
-@contextlib.contextmanager
-def bounded(what: str) -> Iterator[None]:
-    def ring(*_: object) -> None:
-        raise _Hang(f"{what} ran longer than {SECONDS} s")
-
-    old = signal.signal(signal.SIGALRM, ring)
-    signal.alarm(SECONDS)
-    try:
-        yield
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
-        assert peak - _BASELINE < MAX_MEMORY, f"{what}: peak RSS grew by {peak >> 20} MiB"
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # -- mutations ----------------------------------------------------------------------------------
