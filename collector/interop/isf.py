@@ -228,6 +228,13 @@ def _source(name: str, blob: bytes | None) -> dict[str, str]:
 # -- types ------------------------------------------------------------------------------------
 
 
+def _unnamed_name(entry: dict[str, Any]) -> str:
+    """The ISF name of an anonymous type: a hash of its entry, so equal anonymous types share
+    one entry and names are stable."""
+    digest = hashlib.sha1(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
+    return f"unnamed_{digest}"
+
+
 class _Types:
     """BTF types as ISF ``base_types``, ``user_types`` and ``enums`` with type descriptors."""
 
@@ -369,8 +376,7 @@ class _Types:
                 entry = self._render_enum(tid) if kind in _ENUMS else self._render(tid)
             finally:
                 self._rendering.discard(tid)
-            digest = hashlib.sha1(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
-            name = self._names[tid] = f"unnamed_{digest}"
+            name = self._names[tid] = _unnamed_name(entry)
             (self.enums if kind in _ENUMS else self.user_types).setdefault(name, entry)
         return name
 
@@ -588,8 +594,7 @@ def _tk_core(kernel: Kernel, types: _Types) -> dict[str, Any]:
             "timekeeper": {"offset": at, "type": types.type_descriptor(timekeeper)},
         },
     }
-    digest = hashlib.sha1(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
-    name = f"unnamed_{digest}"
+    name = _unnamed_name(entry)
     types.user_types.setdefault(name, entry)
     return {"kind": "struct", "name": name}
 
