@@ -35,6 +35,7 @@ from collector.errors import CollectorError
 from collector.image.sparse import SparseMemory
 from collector.kernel.kernel import Kernel
 from collector.plugin_manager import PluginManager
+from collector.testing.kernel import PAGE_OFFSET
 from tests.fuzz.limits import EXAMPLES, bounded
 
 PAGE = 4096
@@ -145,7 +146,7 @@ ABSURD = (0, 1, 0xFFFFFFFF, 0x7FFFFFFF, 0x80000000, 1 << 63, (1 << 64) - 1, 0xDE
 def edits(draw: st.DrawFn, memory: SparseMemory) -> list[tuple[int, bytes]]:
     """A few writes of (physical address, bytes) into the kernel's memory."""
     ranges = memory.ranges()
-    direct_map = _direct_map_base(memory)
+    direct_map = PAGE_OFFSET[4]  # every kernel here is a 4-level SyntheticKernel
     out = []
     for _ in range(draw(st.integers(1, 6))):
         start, end = draw(st.sampled_from(ranges))
@@ -170,12 +171,6 @@ def edits(draw: st.DrawFn, memory: SparseMemory) -> list[tuple[int, bytes]]:
             continue
         out.append((at, value.to_bytes(8, "little")))
     return out
-
-
-def _direct_map_base(memory: SparseMemory) -> int:
-    from collector.testing.kernel import PAGE_OFFSET
-
-    return PAGE_OFFSET[4]
 
 
 def mutated(kernel: Kernel, writes: list[tuple[int, bytes]]) -> Kernel:
