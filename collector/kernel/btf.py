@@ -255,10 +255,22 @@ def _kind_of(kind: Kind | int | str | None) -> Kind | None:
 class BTF:
     """A parsed BTF blob. Build with :meth:`BTF.parse`; types are decoded on first use."""
 
-    def __init__(self, data: bytes, endian: str, offsets: array, strs: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        data: bytes,
+        endian: str,
+        offsets: array,
+        strs: tuple[int, int],
+        name_offsets: array | None = None,
+    ) -> None:
         self._data = data
         self.endian = endian  # '<' or '>', the byte order of the blob and of its kernel
         self._offs = offsets
+        # Each type's name offset, as native 4-byte words: a name is looked up by searching
+        # these bytes, without decoding the other hundred thousand names (see _ids_named).
+        self._name_offs = name_offsets.tobytes() if name_offsets is not None else None
+        self._named: dict[str, list[int]] = {}
+        self._names_start_strings: bool | None = None
         self._str_start, self._str_end = strs
         self._u32x3 = struct.Struct(endian + "III")
         self._u32 = struct.Struct(endian + "I")
@@ -303,17 +315,20 @@ class BTF:
         if str_len == 0 or data[s0] != 0 or data[s1 - 1] != 0:
             raise ImageError("BTF: string section must start and end with a NUL byte")
         t0 = hdr_len + type_off
-        offsets = cls._scan_types(data, e, t0, t0 + type_len, str_len)
-        return cls(data, e, offsets, (s0, s1))
+        offsets, names = cls._scan_types(data, e, t0, t0 + type_len, str_len)
+        return cls(data, e, offsets, (s0, s1), names)
 
     @staticmethod
-    def _scan_types(data: bytes, e: str, t0: int, t1: int, str_len: int) -> array:
-        """Walk the type section once, recording where each type's record starts."""
+    def _scan_types(data: bytes, e: str, t0: int, t1: int, str_len: int) -> tuple[array, array]:
+        """Walk the type section once, recording where each type's record starts and the
+        offset of its name."""
         unpack = struct.Struct(e + "II").unpack_from
         fixed = _FIXED_TABLE
         per = _PER_TABLE
         offsets = array("Q")
+        names = array("I")
         append = offsets.append
+        append_name = names.append
         off = t0
         last = t1 - 12
         while off < t1:
@@ -332,10 +347,11 @@ class BTF:
                     f"string section"
                 )
             append(off)
+            append_name(name_off)
             off += 12 + extra + (info & 0xFFFF) * per[kind]
         if off != t1:
             raise ImageError(f"BTF: type id {len(offsets)} runs past the end of the type section")
-        return offsets
+        return offsets, names
 
     # ------------------------------------------------------------------ strings and types
 
@@ -469,6 +485,54 @@ class BTF:
             self._names = names
         return self._names
 
+    def _ids_named(self, name: str) -> list[int]:
+        """The ids of the types named ``name``, in id order.
+
+        A kernel's BTF names some hundred thousand types, and decoding every name to build
+        the full index costs seconds on a slow machine, where a live capture's ``--skip``
+        needs a few dozen names. So a name is found in the string section (each NUL, name,
+        NUL), and its offset among the types' name offsets, without decoding the others.
+        """
+        if self._names is not None:
+            return self._names.get(name, [])
+        hit = self._named.get(name)
+        if hit is not None:
+            return hit
+        raw = self._name_offs
+        # A name that holds a NUL or a replacement character (a name decoded from bytes that
+        # are not UTF-8) is looked up in the full index, to give exactly what it gives.
+        try:
+            encoded = name.encode("utf-8")
+        except UnicodeEncodeError:
+            encoded = b""
+        if raw is None or not encoded or b"\0" in encoded or "\ufffd" in name:
+            return self._name_index().get(name, [])
+        import numpy as np
+
+        data, s0, s1 = self._data, self._str_start, self._str_end
+        offs = np.frombuffer(raw, dtype=np.uint32)
+        if self._names_start_strings is None:
+            # Whether every type's name starts a string (the byte before it is a NUL), as
+            # every BTF writer makes it; the format allows a name in the middle of a string.
+            named = offs[offs > 0].astype(np.int64)
+            text = np.frombuffer(data, dtype=np.uint8, count=s1 - s0, offset=s0)
+            self._names_start_strings = not bool(text[named - 1].any())
+        if not self._names_start_strings:
+            return self._name_index().get(name, [])
+        pattern = b"\0" + encoded + b"\0"
+        wanted = []
+        pos = data.find(pattern, s0, s1)
+        while pos != -1:
+            wanted.append(pos + 1 - s0)
+            pos = data.find(pattern, pos + 1, s1)
+        ids: list[int] = []
+        if wanted:
+            hits = offs == wanted[0] if len(wanted) == 1 else np.isin(offs, wanted)
+            ids = (np.flatnonzero(hits) + 1).tolist()
+        if len(self._named) < 4096:
+            self._named[name] = ids
+        return ids
+
     def find(self, name: str, kind: Kind | int | str | None = None) -> int:
         """The type id named ``name``; raise ImageError if there is none.
 
@@ -478,7 +542,7 @@ class BTF:
             then the lowest id.
         """
         want = _kind_of(kind)
-        ids = self._name_index().get(name, ())
+        ids = self._ids_named(name)
         best, best_rank = 0, len(_FIND_RANK) + 1
         for tid in ids:
             k = self.kind(tid)
@@ -496,7 +560,7 @@ class BTF:
 
     def find_all(self, name: str) -> list[int]:
         """Every type id named ``name``, of any kind, in id order."""
-        return list(self._name_index().get(name, ()))
+        return list(self._ids_named(name))
 
     def _id(self, name_or_id: str | int, kinds: frozenset[Kind] | None = None) -> int:
         """A type id from a name (preferring ``kinds``, then typedefs to them) or an id."""
@@ -505,7 +569,7 @@ class BTF:
             return name_or_id
         if kinds is None:
             return self.find(name_or_id)
-        candidates = self._name_index().get(name_or_id, ())
+        candidates = self._ids_named(name_or_id)
         for tid in candidates:
             if self.kind(tid) in kinds:
                 return tid

@@ -239,6 +239,41 @@ def test_find_prefers_complete_types_and_honours_kind(le: tuple[BTF, dict[str, i
         btf.find("sample", "union")
 
 
+def _names_both_ways(blob: bytes) -> tuple[BTF, dict[str, list[int]]]:
+    """A fresh BTF to look names up in, and the full index of another, built name by name."""
+    full = BTF.parse(blob)
+    index: dict[str, list[int]] = {}
+    for tid in range(1, len(full) + 1):
+        name = full.type(tid).name
+        if name:
+            index.setdefault(name, []).append(tid)
+    return BTF.parse(blob), index
+
+
+@pytest.mark.parametrize("endian", ["<", ">"])
+def test_names_are_found_without_decoding_every_name(endian: str) -> None:
+    blob, _ = sample(endian)
+    btf, index = _names_both_ways(blob)
+    for name, ids in index.items():
+        assert btf.find_all(name) == ids, name
+    assert btf.find_all("missing") == [] and btf.find_all("amp") == []
+    assert btf._names is None  # no lookup needed the index of every name
+
+
+def test_a_name_in_the_middle_of_a_string_is_found_too() -> None:
+    # The format lets a name offset point into another string ("page" inside "struct_page"):
+    # no writer does that, and then every name is looked up in the full index.
+    enc = Encoder()
+    u32 = enc.int("unsigned int", 4)
+    whole = enc.struct("struct_page", 4, [("x", u32, 0)])
+    inner = enc.raw(enc.s("struct_page") + len("struct_"), info("typedef"), whole)
+    plain = enc.typedef("page", u32)
+    btf, index = _names_both_ways(enc.encode())
+    assert index["page"] == [inner, plain]
+    assert btf.find_all("page") == [inner, plain]
+    assert btf.find_all("struct_page") == [whole]
+
+
 def test_resolve_sizeof_and_pointer_size(le: tuple[BTF, dict[str, int]]) -> None:
     btf, ids = le
     assert btf.resolve(ids["my_u32"]) == ids["uint"]
