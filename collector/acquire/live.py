@@ -40,6 +40,10 @@ SKIP_CHOICES = (*SKIP_FATES, "zero")
 #: (executables, libraries) are kept.
 _FREE = tuple(kpages.CODE[c] for c in kpages.FREE_CLASSES)
 _FILE = kpages.CODE["file"]
+#: The fate ``--skip free`` gives each class code (0, READ, for every class it keeps).
+_FREE_FATE = np.zeros(len(kpages.CLASSES), dtype=np.int16)
+_FREE_FATE[list(_FREE)] = int(Fate.SKIPPED_FREE)
+_NO_FATE = np.zeros(len(kpages.CLASSES), dtype=np.int16)
 #: The groups ``--mem-usage`` reports, each from classifier classes.
 USAGE_GROUPS: dict[str, tuple[str, ...]] = {
     "free": kpages.FREE_CLASSES,
@@ -214,15 +218,19 @@ class LivePages:
         # struct pages of a 4 MiB chunk are 64 KiB, read in well under a millisecond.
         self._lock = threading.Lock()
 
-    def classify(self, start_pfn: int, end_pfn: int) -> tuple[np.ndarray, np.ndarray]:
+    def classify(
+        self, start_pfn: int, end_pfn: int, free_only: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Class codes of PFNs ``[start_pfn, end_pfn)`` (``hole`` where no RAM), and which of
-        them are clean page cache ``--skip cache`` may leave out."""
+        them are clean page cache ``--skip cache`` may leave out (None with ``free_only``,
+        which stops once the free classes are decided: see :func:`kpages.classify`)."""
         classes = np.full(end_pfn - start_pfn, kpages.CODE["hole"], dtype=np.uint8)
-        cache = np.zeros(end_pfn - start_pfn, dtype=bool)
+        cache = None if free_only else np.zeros(end_pfn - start_pfn, dtype=bool)
         for nid, lo, hi in self.walker.spans(start_pfn, end_pfn):
-            batch = self.walker.classify_range(nid, lo, hi)
+            batch = self.walker.classify_range(nid, lo, hi, free_only=free_only)
             classes[lo - start_pfn : hi - start_pfn] = batch.classes
-            cache[lo - start_pfn : hi - start_pfn] = self._skippable_cache(batch, hi - lo)
+            if cache is not None:
+                cache[lo - start_pfn : hi - start_pfn] = self._skippable_cache(batch, hi - lo)
         return classes, cache
 
     def _skippable_cache(self, batch: kpages.Batch, n: int) -> np.ndarray:
@@ -246,19 +254,16 @@ class LivePages:
             return runs
         with self._lock:
             t0 = time.perf_counter()
-            classes, cache = self.classify(first, last)
+            classes, cache = self.classify(first, last, free_only="cache" not in skip)
             self.seconds += time.perf_counter() - t0
-        if True:
-            fate = np.zeros(last - first, dtype=np.int16)
-            if "free" in skip:
-                fate[np.isin(classes, _FREE)] = int(Fate.SKIPPED_FREE)
-            if "cache" in skip:
-                fate[cache] = int(Fate.SKIPPED_CACHE)
-            edges = np.flatnonzero(np.diff(fate)) + 1
-            bounds = [0, *edges.tolist(), len(fate)]
-            for a, b in itertools.pairwise(bounds):
-                if fate[a]:
-                    runs.append(((first + a) * PAGE, (first + b) * PAGE, Fate(int(fate[a]))))
+        fate = (_FREE_FATE if "free" in skip else _NO_FATE)[classes]
+        if cache is not None:
+            fate[cache] = int(Fate.SKIPPED_CACHE)
+        edges = np.flatnonzero(fate[1:] != fate[:-1]) + 1
+        bounds = [0, *edges.tolist(), len(fate)]
+        for a, b in itertools.pairwise(bounds):
+            if fate[a]:
+                runs.append(((first + a) * PAGE, (first + b) * PAGE, Fate(int(fate[a]))))
         return runs
 
     def usage(self) -> Usage:

@@ -169,7 +169,7 @@ class ImageWriter:
     def add_chunk(
         self,
         paddr: int,
-        data: bytes,
+        data: bytes | bytearray,
         runs: list[FateRun],
         range_start: int | None = None,
         range_end: int | None = None,
@@ -186,10 +186,12 @@ class ImageWriter:
         if range_start is not None and range_end is not None:
             payload = write_lime_header(range_start, range_end - 1) + data
             flags |= fmt.DESC_FLAG_LIME_HEADER
-        self._account(paddr, len(data), runs)
+        unread = self._account(paddr, len(data), runs)
         desc = fmt.Desc(self.seq, paddr, len(data), 0, flags, time.monotonic_ns() - self._t0, runs)
         self.seq += 1
-        if not flags and self._is_zero(payload):
+        # A chunk none of whose pages was read is zeros (the caller's promise): comparing
+        # it costs a pass over its bytes, which a --skip capture would pay for most chunks.
+        if not flags and (unread or self._is_zero(payload)):
             compressed: Future[tuple[bytes, int]] = Future()
             compressed.set_result(self._zero_frame(len(payload)))
         else:
@@ -214,7 +216,8 @@ class ImageWriter:
         self.stream_hash.update(payload)
         self.stream_bytes += len(payload)
 
-    def _account(self, paddr: int, size: int, runs: list[FateRun]) -> None:
+    def _account(self, paddr: int, size: int, runs: list[FateRun]) -> bool:
+        """Count the chunk's pages by fate; True when none of them was read."""
         pages = (paddr % self.page_size + size + self.page_size - 1) // self.page_size
         not_read = 0
         for r in runs:
@@ -224,6 +227,7 @@ class ImageWriter:
             if r.fate == Fate.UNREADABLE:
                 self.unreadable_errnos[r.errno] = self.unreadable_errnos.get(r.errno, 0) + r.count
         self.fate_pages[Fate.READ.label] += pages - not_read
+        return not_read >= pages
 
     def _drain_one(self) -> None:
         p = self._window.popleft()

@@ -14,7 +14,7 @@ import pytest
 
 from collector.analyze import analyze_kernel
 from collector.errors import CollectorError
-from collector.kernel.pages import CLASSES, PageWalker, count_pages, page_format
+from collector.kernel.pages import CLASSES, FREE_CLASSES, PageWalker, count_pages, page_format
 from collector.plugin_manager import PluginManager
 from collector.testing.pages import ERAS, MemoryMap
 
@@ -145,6 +145,21 @@ def test_every_page_gets_its_class(era: str) -> None:
     }
     assert walker.pcp == {START + 8: 0, START + 48: 1}
     assert walker.notes == []
+
+
+@pytest.mark.parametrize("era", ERAS)
+def test_free_only_stops_once_the_free_pages_are_known(era: str) -> None:
+    m, want = build(era)
+    walker = PageWalker(m.kernel())
+    got = {}
+    for nid, lo, hi in walker.spans():
+        batch = walker.classify_range(nid, lo, hi, free_only=True)
+        got.update((lo + i, CLASSES[c]) for i, c in enumerate(batch.classes.tolist()))
+    # Free, and what comes before free in the order the tests are applied, as the whole
+    # classification has it; everything after is left "other".
+    early = ("hole", "uncaptured", "hwpoison", *FREE_CLASSES)
+    assert got == {pfn: cls if cls in early else "other" for pfn, cls in want.items()}
+    assert {c for c in want.values() if c in FREE_CLASSES} == set(FREE_CLASSES)
 
 
 @pytest.mark.parametrize("era", ERAS)
