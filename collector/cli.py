@@ -474,6 +474,12 @@ def _print_mem_usage(doc: dict, as_json: bool) -> int:
         f"{doc['struct_page_bytes_read']} bytes of struct pages and page tables read through "
         f"{doc['via']} in {doc['seconds']:.3f} s"
     )
+    pcp = doc.get("per_cpu_lists")
+    if pcp and pcp["count"]:
+        print(
+            f"per-CPU free lists: {pcp['walked_pages']} pages walked "
+            f"(their lists count {pcp['count']}), in free"
+        )
     for note in doc["notes"]:
         print(f"note: {note}")
     return 0

@@ -15,6 +15,7 @@ numpy is imported with this module, never by a plain capture.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import threading
 import time
@@ -132,20 +133,23 @@ class LiveKernel(Kernel):
     def __init__(
         self, memory: LiveMemory, vmcoreinfo: VmcoreInfo, btf, kcore: Kcore | None
     ) -> None:
-        super().__init__(
-            memory,
-            vmcoreinfo=vmcoreinfo,
-            symbols=SymbolTable.from_vmcoreinfo(vmcoreinfo),
-            btf=btf,
-            profile="x86_64",
-        )
+        symbols = SymbolTable.from_vmcoreinfo(vmcoreinfo)
+        kallsyms = memory.blob("kallsyms")
+        if kallsyms:
+            # /proc/kallsyms as root: the per-CPU lists' walk needs __per_cpu_offset and the
+            # CPU masks, which VMCOREINFO does not name.
+            with contextlib.suppress(CollectorError):
+                symbols = SymbolTable.from_kallsyms_text(kallsyms).merged(symbols)
+        super().__init__(memory, vmcoreinfo=vmcoreinfo, symbols=symbols, btf=btf, profile="x86_64")
         self.live_memory = memory
         self._kcore = kcore
         self._virtual = []
         if kcore is not None:
+            # Every segment: the vmemmap (struct pages) and, for the per-CPU lists' walk, the
+            # kernel image (node_data, __per_cpu_offset), the direct map (the nodes, zones and
+            # per-CPU areas) and vmalloc (per-CPU areas allocated later).
             self._virtual = sorted(
-                (s for s in kcore.segments if s.kind == "virtual" and s.p_filesz),
-                key=lambda s: s.p_vaddr,
+                (s for s in kcore.segments if s.p_filesz), key=lambda s: s.p_vaddr
             )
         self._vstarts = [s.p_vaddr for s in self._virtual]
 
@@ -191,7 +195,8 @@ class LiveKernel(Kernel):
                 self.live_memory.bytes_read += size
                 return data
         if self._kcore is not None and self._virtual:
-            # kcore maps the struct pages of all RAM: what it does not map has none.
+            # kcore maps the struct pages of all RAM and every other kernel mapping: what it
+            # does not map is not there (or is device memory, never read).
             raise PageNotCaptured(vaddr, Fate.NOT_COVERED)
         return super().read_virt(vaddr, size)
 
@@ -201,6 +206,9 @@ class Usage:
     """What ``--mem-usage`` found: pages per group, and how long reading and classifying took."""
 
     pages: dict[str, int] = field(default_factory=dict)
+    #: pages on the per-CPU free lists as walked, and their lists' own count (pcp->count)
+    pcp_walked: int = 0
+    pcp_counted: int = 0
     seconds: float = 0.0
     bytes_read: int = 0
     notes: list[str] = field(default_factory=list)
@@ -276,6 +284,9 @@ class LivePages:
             counts += np.bincount(batch.classes, minlength=len(kpages.CLASSES))
             skippable += int(np.count_nonzero(self._skippable_cache(batch, hi - lo)))
         out = Usage(notes=list(self.walker.notes))
+        for walked, counted in self.walker.pcp_counted.values():
+            out.pcp_walked += walked
+            out.pcp_counted += counted or 0
         for group, classes in USAGE_GROUPS.items():
             out.pages[group] = int(sum(counts[kpages.CODE[c]] for c in classes))
         out.pages["cache clean, unmapped"] = skippable
@@ -312,7 +323,7 @@ def open_live_pages(plan, blobs: Mapping[str, bytes]) -> LivePages:
         if last > first:
             spans.append((first, last))
     try:
-        walker = kpages.PageWalker(kernel, with_pcp=False, spans=spans)
+        walker = kpages.PageWalker(kernel, with_pcp=True, spans=spans, pcp_recheck=True)
         # Read one struct page now, so a vmemmap that cannot be reached fails here, once.
         walker.read(spans[0][0], 1)
     except (CollectorError, ImageError, PageNotCaptured) as e:

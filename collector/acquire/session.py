@@ -254,6 +254,10 @@ def mem_usage(options: CaptureOptions) -> dict:
             blobs.update(gathered.blobs)
         with contextlib.suppress(OSError):
             blobs["btf"] = host.read_limited(root, "/sys/kernel/btf/vmlinux", 64 << 20)
+        if "kallsyms" not in blobs:
+            # The per-CPU free lists' walk needs __per_cpu_offset and the CPU masks.
+            with contextlib.suppress(OSError):
+                blobs["kallsyms"] = host.read_limited(root, "/proc/kallsyms", 64 << 20)
         try:
             pages = live.open_live_pages(the_plan, blobs)
         except live.LiveUnavailable as e:
@@ -275,6 +279,7 @@ def mem_usage(options: CaptureOptions) -> dict:
             },
             "zero": "not known before reading the RAM: --skip zero is not offered",
             "total_pages": sum(usage.pages.values()),
+            "per_cpu_lists": {"walked_pages": usage.pcp_walked, "count": usage.pcp_counted},
             "seconds": round(usage.seconds, 3),
             "struct_page_bytes_read": usage.bytes_read,
             "notes": usage.notes,

@@ -706,7 +706,10 @@ class PageWalker:
     :param spans: PFN ranges ``[start, end)`` whose struct pages exist, to walk instead of
         those ``node_data`` and ``mem_section`` give (one node 0 without zones is assumed). A
         live machine's System RAM is such a list: reading it costs no kernel data besides
-        the struct pages.
+        the struct pages (and, ``with_pcp``, the zones and per-CPU list heads).
+    :param pcp_recheck: the per-CPU lists are walked once, here, and the struct pages read
+        later (a live machine, where they change meanwhile): a page found on a list counts
+        as ``pcp`` only while its struct page, read with its batch, still shows a free page.
     """
 
     def __init__(
@@ -714,6 +717,7 @@ class PageWalker:
         kernel: Kernel,
         with_pcp: bool = True,
         spans: list[tuple[int, int]] | None = None,
+        pcp_recheck: bool = False,
     ) -> None:
         self.kernel = kernel
         self._lock = threading.Lock()
@@ -738,8 +742,16 @@ class PageWalker:
         self.ram = ram
         self.pcp: dict[int, int] = {}
         self.pcp_counted: dict[tuple[int, int], tuple[int, int | None]] = {}
+        self.pcp_recheck = pcp_recheck
         if with_pcp and self.format.source == "BTF":
-            for node in self.nodes:
+            zoned = self.nodes
+            if spans is not None:
+                try:
+                    zoned = nodes(kernel)
+                except (NotApplicable, BrokenStructure, ImageError, PageNotCaptured) as e:
+                    self.notes.append(f"per-CPU lists not walked: no zones ({e})")
+                    zoned = []
+            for node in zoned:
                 for zone in node.zones:
                     if zone.end <= zone.start:
                         continue
@@ -747,6 +759,16 @@ class PageWalker:
                         found, counted, broken = pcp_pages(kernel, zone, self._free_page)
                     except NotApplicable as e:
                         self.notes.append(f"per-CPU lists not walked: {e}")
+                        break
+                    except (CollectorError, AttributeError, LookupError) as e:
+                        if spans is None:
+                            raise
+                        # Live, the lists only add to what is skipped: without them, their
+                        # pages are read.
+                        self.notes.append(f"per-CPU lists not walked: {e}")
+                        self.pcp.clear()
+                        self.pcp_counted.clear()
+                        zoned = []
                         break
                     self.pcp.update(found)
                     self.notes.extend(f"zone {zone.name}: per-CPU {b}" for b in broken)
@@ -980,11 +1002,31 @@ def classify(
 
     # Per-CPU free lists: blocks found by walking zone->per_cpu_pageset.
     if len(walker._pcp_start):
+        fresh = None
+        if walker.pcp_recheck:
+            # Walked before these struct pages were read: a block counts while its head
+            # still shows what free_pages_prepare() leaves and page_expected_state() checks
+            # (no references, mapping, type, LRU or compound page). A block whose head is
+            # outside this batch is not believed.
+            bits = np.uint64(fmt.flag("PG_lru") | fmt.flag("PG_head"))
+            if fmt.type_scheme == "top-byte":
+                untyped = (page_type[:n] >> np.uint32(24)) == np.uint32(0xFF)
+            else:
+                untyped = page_type[:n] == np.uint32(0xFFFFFFFF)
+            fresh = (
+                (refcount == 0)
+                & (mapping == 0)
+                & untyped
+                & ((flags[:n] & bits) == 0)
+                & ((chead & np.uint64(1)) == 0)
+            )
         pcp = np.zeros(n + 1, dtype=np.int64)
         lo = np.searchsorted(walker._pcp_start + walker._pcp_len, start, side="right")
         hi = np.searchsorted(walker._pcp_start, start + n, side="left")
         for s, length in zip(walker._pcp_start[lo:hi], walker._pcp_len[lo:hi], strict=True):
             a, b = max(int(s) - start, 0), min(int(s + length) - start, n)
+            if fresh is not None and (int(s) < start or not fresh[a]):
+                continue
             if a < b:
                 pcp[a] += 1
                 pcp[b] -= 1

@@ -163,6 +163,31 @@ def test_free_only_stops_once_the_free_pages_are_known(era: str) -> None:
 
 
 @pytest.mark.parametrize("era", ERAS)
+def test_walked_early_the_per_cpu_lists_count_only_pages_still_free(era: str) -> None:
+    # As a live capture sees them: the lists walked once, the struct pages read later. The
+    # page on the DMA32 list is allocated in between (refcount 1, on an LRU, a mapping).
+    m, want = build(era)
+    spans = [(START, START + 62)]  # the RAM: a live capture walks System RAM's frames
+    walker = PageWalker(m.kernel(), spans=spans, pcp_recheck=True)
+    stale = PageWalker(m.kernel(), spans=spans)
+    assert walker.pcp == stale.pcp == {START + 8: 0, START + 48: 1}
+    m.in_use(START + 8, flags=m.bit("PG_lru"), mapping=ADDRESS_SPACE)
+    walker.kernel = stale.kernel = m.kernel()  # the memory as it is now
+
+    def classes(w: PageWalker) -> dict[int, str]:
+        out = {}
+        for nid, lo, hi in w.spans():
+            batch = w.classify_range(nid, lo, hi)
+            out.update((lo + i, CLASSES[c]) for i, c in enumerate(batch.classes.tolist()))
+        return out
+
+    now = {pfn: cls for pfn, cls in want.items() if cls != "hole"}
+    assert classes(stale) == now  # a walk taken as still true calls the page free
+    now[START + 8] = "file"
+    assert classes(walker) == now
+
+
+@pytest.mark.parametrize("era", ERAS)
 def test_counts_per_zone_flags_and_slab_cache(era: str) -> None:
     m, want = build(era)
     walker, _, _ = walk(m)
