@@ -218,7 +218,8 @@ class ImageWriter:
         pages = (paddr % self.page_size + size + self.page_size - 1) // self.page_size
         not_read = 0
         for r in runs:
-            # Fates after OUTSIDE (skipped pages) are listed only when a capture has them.
+            # Fates after OUTSIDE (skipped and read-zero pages) are listed only when a
+            # capture has them (or asked for them: see collector.acquire.session).
             self.fate_pages[r.fate.label] = self.fate_pages.get(r.fate.label, 0) + r.count
             not_read += r.count
             if r.fate == Fate.UNREADABLE:
