@@ -225,31 +225,35 @@ def zero_runs(data: bytes, paddr: int, page_size: int) -> list[tuple[int, int]]:
     chunk has of it.
     """
     size = len(data)
-    lead = paddr % page_size
-    pages = (lead + size + page_size - 1) // page_size
-    per_block = max(1, ZERO_BLOCK // page_size)
-    block_zeros, page_zeros = _zeros(per_block * page_size), _zeros(page_size)
     starts = data.startswith
-    out: list[tuple[int, int]] = []
-
-    def add(first: int, end: int) -> None:
-        if out and out[-1][1] == first:
-            out[-1] = (out[-1][0], end)
-        else:
-            out.append((first, end))
-
-    for block in range(0, pages, per_block):
-        block_end = min(pages, block + per_block)
-        lo = max(0, block * page_size - lead)
-        hi = min(size, block_end * page_size - lead)
-        if starts(block_zeros if hi - lo == len(block_zeros) else _zeros(hi - lo), lo, hi):
-            add(block, block_end)
+    lead = paddr % page_size
+    head = min(size, page_size - lead) if lead else 0  # bytes of a partial first page
+    found: list[tuple[int, int]] = []
+    if head and starts(_zeros(head), 0, head):
+        found.append((0, 1))
+    first = 1 if head else 0  # the page index at byte ``head``
+    body = head + (size - head) // page_size * page_size  # the end of the whole pages
+    block = max(1, ZERO_BLOCK // page_size) * page_size
+    block_zeros, page_zeros = _zeros(block), _zeros(page_size)
+    for off in range(head, body, block):
+        end = min(body, off + block)
+        k = first + (off - head) // page_size
+        if starts(block_zeros if end - off == block else _zeros(end - off), off, end):
+            found.append((k, k + (end - off) // page_size))
             continue
-        for k in range(block, block_end):
-            lo = max(0, k * page_size - lead)
-            hi = min(size, (k + 1) * page_size - lead)
-            if starts(page_zeros if hi - lo == page_size else _zeros(hi - lo), lo, hi):
-                add(k, k + 1)
+        # The common case for RAM in use: one call per page, comparing a few bytes each.
+        for o in [o for o in range(off, end, page_size) if starts(page_zeros, o, o + page_size)]:
+            k = first + (o - head) // page_size
+            found.append((k, k + 1))
+    if body < size and starts(_zeros(size - body), body, size):
+        k = first + (body - head) // page_size
+        found.append((k, k + 1))
+    out: list[tuple[int, int]] = []
+    for lo, hi in found:
+        if out and out[-1][1] == lo:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
     return out
 
 
