@@ -24,7 +24,6 @@ from collector.acquire import plan as planning
 from collector.errors import CollectorError
 from collector.image import format as fmt
 from collector.image.writer import ImageWriter, OutputError
-from collector.memory import Fate
 from collector.sysroot import Sysroot
 
 EXIT_SIGNAL = signals.EXIT_STATUS
@@ -188,9 +187,6 @@ def _write_image(
             # pages one that a version 3 reader does not know.
             version=4 if "zero" in options.skip else 3 if live is not None else None,
         )
-        if "zero" in options.skip:
-            # Counted even when none is found, so that the summary says they were looked for.
-            writer.fate_pages.setdefault(Fate.READ_ZERO.label, 0)
         for name, data in gathered.blobs.items():
             writer.add_blob(name, data)
         result = capture.run_capture(

@@ -12,6 +12,7 @@ import errno
 import json
 import subprocess
 import sys
+from io import BytesIO
 
 import pytest
 
@@ -21,6 +22,7 @@ from collector.errors import ImageError
 from collector.image import format as fmt
 from collector.image.elfcore import ElfCore
 from collector.image.reader import NativeImage
+from collector.image.writer import ImageWriter
 from collector.memory import Fate, FateRun
 from tests.acquire.fakehost import FakeHost
 from tests.acquire.test_skip import (
@@ -314,6 +316,11 @@ def test_read_zero_needs_format_version_4():
         with pytest.raises(ImageError, match="read-zero"):
             fmt.Desc.decode(payload, version)
     assert fmt.Desc.decode(desc.encode(4)[8:], 4).runs == [FateRun(1, 2, Fate.READ_ZERO)]
+    # Nor does the writer make an image its own reader would refuse.
+    writer = ImageWriter(BytesIO(), page_size=PAGE, chunk_size=CHUNK, metadata={}, threads=1)
+    with pytest.raises(ValueError, match="version 4"):
+        writer.add_chunk(0x100000, bytes(2 * PAGE), [FateRun(0, 1, Fate.READ_ZERO)])
+    writer.close()
 
 
 def test_a_version_1_image_still_opens_without_read_zero():
