@@ -7,6 +7,7 @@ describes the layout byte by byte; this module is its single definition in code.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import struct
@@ -235,6 +236,13 @@ class Desc:
     @property
     def has_lime_header(self) -> bool:
         return bool(self.flags & DESC_FLAG_LIME_HEADER)
+
+    @functools.cached_property
+    def unread_runs(self) -> list[FateRun]:
+        """The runs of pages whose bytes are not RAM's (``runs`` less READ_ZERO's): what a
+        read must stop at. Kept apart because RAM with scattered zero pages can give a chunk
+        hundreds of READ_ZERO runs that every read would otherwise step over."""
+        return [r for r in self.runs if not r.fate.is_data]
 
     @property
     def stream_bytes(self) -> int:

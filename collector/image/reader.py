@@ -659,8 +659,8 @@ class NativeImage:
         lo = start // self.page_size - base
         hi = -(-end // self.page_size) - base
         first = None
-        for run in self._desc(chunk).runs:
-            if not run.fate.is_data and run.start < hi and run.start + run.count > lo:
+        for run in self._desc(chunk).unread_runs:
+            if run.start < hi and run.start + run.count > lo:
                 page = max(run.start, lo)
                 first = page if first is None else min(first, page)
         return None if first is None else (base + first) * self.page_size
