@@ -330,3 +330,19 @@ def test_a_version_1_image_still_opens_without_read_zero():
         assert img.fate(0x104000).fate == Fate.READ
         assert img.read(0x104000, PAGE) == bytes(PAGE)
         assert {r.fate for r in img.fate_runs()} == {Fate.UNREADABLE}
+
+
+def test_verify_finds_read_zero_pages_that_hold_data(tmp_path, capsys):
+    # A writer that records read-zero over a page of data: the stream and every checksum are
+    # consistent, the promise is not.
+    path = tmp_path / "lie.lime.zst"
+    data = bytes(PAGE) + b"\x01" * PAGE + bytes(2 * PAGE)
+    meta = {"ranges": [[0x100000, 0x104000]]}
+    with open(path, "wb") as out:
+        w = ImageWriter(out, page_size=PAGE, chunk_size=CHUNK, metadata=meta, version=4, threads=1)
+        w.add_chunk(0x100000, data, [FateRun(0, 3, Fate.READ_ZERO)], 0x100000, 0x104000)
+        w.finish({"stopped_by": None})
+        w.close()
+    assert main(["verify", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "chunk 0 at 0x100000: pages recorded read-zero from page 0 hold other bytes" in out
