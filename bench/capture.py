@@ -8,9 +8,12 @@ whose /proc/iomem lists it as System RAM, so `collect` runs its real read path.
     python bench/capture.py [--size-mib 1024] [--threads N] [--level 1]
 
 Prints figures and ratios; never pass/fail. Then a cost table: core-seconds per GiB of RAM
-for each stage of the pipeline (read, compress, hash with SHA-256 or BLAKE3, write), each
-measured alone on one core over the same corpus, and the throughput those costs allow at 2,
-16 and 64 cores, naming the stage that bounds it.
+for each stage of the pipeline (read, compress, hash with SHA-256 or BLAKE3, write, and the
+zero-page check `--skip zero` adds in the reader threads), each measured alone on one core
+over the same corpus, and the throughput those costs allow at 2, 16 and 64 cores, naming the
+stage that bounds it.
+
+    python bench/capture.py --stages-only   # the cost table alone, without the timed runs
 """
 
 from __future__ import annotations
@@ -196,6 +199,15 @@ def stage_costs(corpus: Path, level: int, out_dir: Path) -> dict[str, float]:
         frames.append(frame)
 
     costs["compress"] = _cpu_per_gib(compress, blocks)
+    from collector.acquire.capture import zero_runs
+
+    costs["zero check"] = _cpu_per_gib(lambda b: zero_runs(b, BASE, 4096), blocks)
+    # Its two extremes: RAM with no zero page (every page compared up to its first non-zero
+    # byte) and RAM of zeros only (64 KiB blocks compared whole).
+    dense = [b for b in blocks if not zero_runs(b, BASE, 4096)][:32] or blocks[:1]
+    costs["zero check, dense RAM"] = _cpu_per_gib(lambda b: zero_runs(b, BASE, 4096), dense)
+    zeros = [bytes(4 << 20)] * 32
+    costs["zero check, zero RAM"] = _cpu_per_gib(lambda b: zero_runs(b, BASE, 4096), zeros)
     h = hashlib.sha256()
     costs["hash sha256"] = _cpu_per_gib(h.update, blocks)
     b3 = blake3.blake3()  # one thread: its cost per core
@@ -239,7 +251,9 @@ def print_costs(costs: dict[str, float]) -> None:
         serial = " (serial with --hash sha256)" if name in SERIAL["sha256"] else ""
         if name == "write":
             serial = " (serial: one ordered writer)"
-        print(f"  {name:<12} {cost:6.3f}{serial}")
+        if name.startswith("zero check"):
+            serial = " (--skip zero only; in the reader threads, not in the projection)"
+        print(f"  {name:<22} {cost:6.3f}{serial}")
     print("projected throughput from those costs:")
     print(f"  cores  {'--hash sha256':<58} --hash blake3")
     for cores in (2, 16, 64):
@@ -258,11 +272,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--level", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--stages-only", action="store_true", help="print the cost table only")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="collector-bench-") as tmp:
         work = Path(tmp)
         corpus, root, parts = build_corpus(work, args.size_mib << 20)
         size = corpus.stat().st_size
+        if args.stages_only:
+            print(f"corpus: {size >> 20} MiB ({parts}); level {args.level}")
+            print_costs(stage_costs(corpus, args.level, work))
+            return
         plain_read(corpus), plain_read(root / "dev/mem")  # warm the page cache for all
         print(f"corpus: {size >> 20} MiB ({parts}); {args.threads} threads, level {args.level}")
         best = {"read": 1e9, "zstd": 1e9, "collect": 1e9, "collect-b3": 1e9, "sha256": 1e9}

@@ -262,15 +262,17 @@ def capture_parser() -> argparse.ArgumentParser:
         type=_skip_classes,
         default=frozenset(),
         metavar="CLASSES",
-        help="leave out pages the live struct page array calls free (buddy lists) or cache "
-        "(clean page cache no process maps), comma-separated; each chunk's struct pages are "
-        "read just before it, and every skipped page is recorded with its own fate",
+        help="comma-separated: free and cache leave out pages the live struct page array "
+        "calls free (buddy lists) or clean page cache no process maps, reading each chunk's "
+        "struct pages just before it; zero records pages read and found all zeros as "
+        "read-zero (they stay in the image as data, and need no struct pages); every such "
+        "page is recorded with its own fate",
     )
     p.add_argument(
         "--strict",
         action="store_true",
-        help="with --skip: fail when the struct page array cannot be read, rather than read "
-        "every page",
+        help="with --skip free or cache: fail when the struct page array cannot be read, "
+        "rather than read every page",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     return p
@@ -278,10 +280,10 @@ def capture_parser() -> argparse.ArgumentParser:
 
 def _skip_classes(text: str) -> frozenset[str]:
     chosen = frozenset(c.strip() for c in text.split(",") if c.strip())
-    unknown = sorted(chosen - {"free", "cache"})
+    unknown = sorted(chosen - {"free", "cache", "zero"})
     if unknown or not chosen:
         raise argparse.ArgumentTypeError(
-            f"unknown class {', '.join(unknown) or '(none)'}: choose from free, cache"
+            f"unknown class {', '.join(unknown) or '(none)'}: choose from free, cache, zero"
         )
     return chosen
 
@@ -368,8 +370,8 @@ def _capture(args: argparse.Namespace, argv: list[str]) -> int:
         skip=args.skip,
         strict=args.strict,
     )
-    if args.strict and not args.skip:
-        raise CollectorError("--strict applies to --skip only", 2)
+    if args.strict and not args.skip - {"zero"}:
+        raise CollectorError("--strict applies to --skip free or cache only", 2)
     if options.readers is not None and not 1 <= options.readers <= 64:
         raise CollectorError("--readers must be between 1 and 64", 2)
     if not (1 << 12) <= options.chunk_size <= (64 << 20) or options.chunk_size % 4096:
@@ -482,6 +484,7 @@ def _print_mem_usage(doc: dict, as_json: bool) -> int:
         )
     for note in doc["notes"]:
         print(f"note: {note}")
+    print(f"zero pages: {doc['zero']}")
     return 0
 
 

@@ -1,8 +1,9 @@
 """The physical-memory interface every image reader offers, and the fate of a page.
 
 A capture records, for every page of every range it planned, what happened to it. Readers
-hand out bytes only for pages that were really read; any other page raises
-:class:`PageNotCaptured` with its fate, so a zero-filled gap is never mistaken for data.
+hand out bytes only for pages that were really read (``read``, and ``read-zero`` for a page
+read and found all zeros); any other page raises :class:`PageNotCaptured` with its fate, so
+a zero-filled gap is never mistaken for data.
 """
 
 from __future__ import annotations
@@ -27,10 +28,17 @@ class Fate(enum.IntEnum):
     OUTSIDE = 6  #: not in any captured range at all; reader-side only
     SKIPPED_FREE = 7  #: not read: its struct page said free (``collect --skip free``)
     SKIPPED_CACHE = 8  #: not read: clean page cache no process maps (``--skip cache``)
+    #: read, and every byte was zero (``--skip zero``): real data, the zeros are the content
+    READ_ZERO = 9
 
     @property
     def label(self) -> str:
         return self.name.lower().replace("_", "-")
+
+    @property
+    def is_data(self) -> bool:
+        """Whether the image's bytes for such a page are what RAM held (READ, READ_ZERO)."""
+        return self in (Fate.READ, Fate.READ_ZERO)
 
 
 @dataclass(frozen=True)

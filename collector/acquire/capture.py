@@ -5,12 +5,14 @@ part is retried page by page so one bad page costs one page, and its errno is re
 Pages the tool did not read are zero in the stream and carry their fate in the DESC record.
 Where every source allows concurrent ``pread`` (kcore and /dev/mem do), several reader
 threads read the next chunks ahead, a bounded window of them, handed to the writer in
-address order.
+address order. With ``--skip zero`` the thread that read a chunk also finds its all-zero
+pages (:func:`zero_runs`), recorded READ_ZERO: data, which the stream keeps.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -25,6 +27,15 @@ from collector.memory import Fate, FateRun
 #: the rest is at most this large; beyond it the image ends inside the range, as one cut short
 #: does, so that a signal is obeyed within seconds even on a machine with terabytes of RAM.
 PAD_LIMIT = 1 << 30
+
+#: Pages are checked for zeros this many bytes at a time first (one ``memcmp`` each), page by
+#: page only inside a block that is not all zeros.
+ZERO_BLOCK = 64 << 10
+
+
+@functools.lru_cache(maxsize=16)
+def _zeros(size: int) -> bytes:
+    return bytes(size)
 
 
 class Reader(Protocol):
@@ -213,6 +224,81 @@ def read_chunk(
     return buf, runs
 
 
+def zero_runs(data: bytes, paddr: int, page_size: int) -> list[tuple[int, int]]:
+    """The pages of a chunk whose bytes in ``data`` are all zero, as ``(first, end)`` page
+    indexes within the chunk (page 0 holds ``paddr``), in order and merged.
+
+    ``bytes.startswith`` against a block of zeros is a ``memcmp`` without a copy that stops
+    at the first non-zero byte, so a page of data costs a few bytes compared; blocks of
+    :data:`ZERO_BLOCK` bytes are tried first so that zero stretches cost one call per block.
+    A partial page (a range that starts or ends inside a page) is judged on the bytes the
+    chunk has of it.
+    """
+    size = len(data)
+    starts = data.startswith
+    lead = paddr % page_size
+    head = min(size, page_size - lead) if lead else 0  # bytes of a partial first page
+    found: list[tuple[int, int]] = []
+    if head and starts(_zeros(head), 0, head):
+        found.append((0, 1))
+    first = 1 if head else 0  # the page index at byte ``head``
+    body = head + (size - head) // page_size * page_size  # the end of the whole pages
+    block = max(1, ZERO_BLOCK // page_size) * page_size
+    block_zeros, page_zeros = _zeros(block), _zeros(page_size)
+    for off in range(head, body, block):
+        end = min(body, off + block)
+        k = first + (off - head) // page_size
+        if starts(block_zeros if end - off == block else _zeros(end - off), off, end):
+            found.append((k, k + (end - off) // page_size))
+            continue
+        # The common case for RAM in use: one call per page, comparing a few bytes each.
+        for o in [o for o in range(off, end, page_size) if starts(page_zeros, o, o + page_size)]:
+            k = first + (o - head) // page_size
+            found.append((k, k + 1))
+    if body < size and starts(_zeros(size - body), body, size):
+        k = first + (body - head) // page_size
+        found.append((k, k + 1))
+    out: list[tuple[int, int]] = []
+    for lo, hi in found:
+        if out and out[-1][1] == lo:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def with_zero_pages(data: bytes, paddr: int, page_size: int, runs: list[FateRun]) -> list[FateRun]:
+    """``runs`` (a chunk's fates, sorted) with every read page of ``data`` that is all zeros
+    added as READ_ZERO. Pages with another fate keep it: their zeros are not RAM's."""
+    zero = zero_runs(data, paddr, page_size)
+    if not zero:
+        return runs
+    added: list[FateRun] = []
+    k = 0
+    for first, end in zero:
+        pos = first
+        while pos < end:
+            while k < len(runs) and runs[k].start + runs[k].count <= pos:
+                k += 1
+            if k < len(runs) and runs[k].start <= pos:
+                pos = runs[k].start + runs[k].count
+                continue
+            stop = min(end, runs[k].start) if k < len(runs) else end
+            added.append(FateRun(pos, stop - pos, Fate.READ_ZERO))
+            pos = stop
+    if not added:
+        return runs
+    merged = sorted([*runs, *added], key=lambda r: r.start)
+    out = [merged[0]]
+    for r in merged[1:]:
+        prev = out[-1]
+        if (prev.fate, prev.errno) == (r.fate, r.errno) and prev.start + prev.count == r.start:
+            out[-1] = FateRun(prev.start, prev.count + r.count, r.fate, r.errno)
+        else:
+            out.append(r)
+    return out
+
+
 def _read_pages(
     source: Reader,
     start: int,
@@ -282,6 +368,7 @@ def run_capture(
     on_progress: Callable[[Progress], None] | None = None,
     readers: int = 1,
     skip: Callable[[int, int], list[tuple[int, int, Fate]]] | None = None,
+    zero: bool = False,
 ) -> CaptureResult:
     """Capture every range of ``plan`` into ``writer``; stops early when ``stop`` is set.
 
@@ -294,6 +381,8 @@ def run_capture(
         ``2 * readers`` chunks are read ahead of the writer.
     :param skip: asked for each chunk ``[start, end)`` just before it is read: the
         ``(start, end, fate)`` runs of pages to leave unread, recorded with that fate.
+    :param zero: record each page read whose bytes are all zero as READ_ZERO (found by the
+        thread that read the chunk, right after reading it).
     """
     progress = Progress(total_bytes=sum(r.end - r.start for r in plan.ram_ranges))
     result = CaptureResult(progress)
@@ -304,7 +393,10 @@ def run_capture(
         if skip is not None:
             # Decided from the chunk's struct pages read just now, right before its RAM.
             entries = without(entries, skip(job.c_start, job.c_end))
-        return read_chunk(job.c_start, job.c_end, entries, sources, page)
+        data, runs = read_chunk(job.c_start, job.c_end, entries, sources, page)
+        if zero:
+            runs = with_zero_pages(data, job.c_start, page, runs)
+        return data, runs
 
     jobs = _jobs(plan, writer.chunk_size)
     pool = None

@@ -183,8 +183,9 @@ def _write_image(
             level=options.level,
             threads=options.threads,
             stream_hash=options.stream_hash,
-            # Skipped pages carry fates a version 2 reader does not know.
-            version=3 if live is not None else None,
+            # Skipped pages carry fates a version 2 reader does not know, and read-zero
+            # pages one that a version 3 reader does not know.
+            version=4 if "zero" in options.skip else 3 if live is not None else None,
         )
         for name, data in gathered.blobs.items():
             writer.add_blob(name, data)
@@ -200,6 +201,7 @@ def _write_image(
                 if live is not None
                 else None
             ),
+            zero="zero" in options.skip,
         )
         end = {
             "end_time": dt.datetime.now(dt.UTC).isoformat(),
@@ -277,7 +279,8 @@ def mem_usage(options: CaptureOptions) -> dict:
                 }
                 for name, n in usage.pages.items()
             },
-            "zero": "not known before reading the RAM: --skip zero is not offered",
+            "zero": "not known before reading the RAM: a page is all zeros or not only once "
+            "its bytes are read; --skip zero records such pages as read-zero as it reads them",
             "total_pages": sum(usage.pages.values()),
             "per_cpu_lists": {"walked_pages": usage.pcp_walked, "count": usage.pcp_counted},
             "seconds": round(usage.seconds, 3),
@@ -287,7 +290,8 @@ def mem_usage(options: CaptureOptions) -> dict:
 
 
 def _open_skip(options: CaptureOptions, the_plan: planning.Plan, gathered: metadata.Gathered):
-    """The live struct page array for ``--skip``, or None and the one line saying why not.
+    """The live struct page array for ``--skip free`` or ``cache``, or None and the one line
+    saying why not (``zero`` needs none: it looks at the bytes read).
 
     :raises CollectorError: it cannot be used and ``--strict`` was given.
     """
@@ -300,8 +304,8 @@ def _open_skip(options: CaptureOptions, the_plan: planning.Plan, gathered: metad
         return live.open_live_pages(the_plan, gathered.blobs), None
     except live.LiveUnavailable as e:
         if options.strict:
-            raise CollectorError(f"--skip {','.join(sorted(options.skip))} --strict: {e}") from None
-        return None, f"--skip not applied, every page is read: {e}"
+            raise CollectorError(f"--skip {','.join(sorted(wanted))} --strict: {e}") from None
+        return None, f"--skip {','.join(sorted(wanted))} not applied, every page is read: {e}"
 
 
 def _read_phys(the_plan: planning.Plan, paddr: int, size: int) -> bytes:

@@ -58,8 +58,9 @@ MAX_PROBLEMS = 100
 X86_64_PAGE_OFFSET_L4 = 0xFFFF880000000000
 X86_64_DIRECT_MAP_SIZE_L4 = 1 << 46
 
-#: Fates a page-fates note may give: any but READ and the reader-side OUTSIDE.
-_NOTE_FATES = frozenset(int(f) for f in Fate if f not in (Fate.READ, Fate.OUTSIDE))
+#: Fates a page-fates note may give: pages not read, so neither READ nor READ_ZERO (whose
+#: zeros the export holds as data), and not the reader-side OUTSIDE.
+_NOTE_FATES = frozenset(int(f) for f in Fate if not f.is_data and f != Fate.OUTSIDE)
 
 
 @dataclass(frozen=True)

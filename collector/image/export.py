@@ -195,7 +195,8 @@ class _FateRun(NamedTuple):
 
 def _not_read(memory: PhysicalMemory, spans: list[tuple[int, int]]) -> list[_FateRun] | None:
     """The runs of pages not read inside ``spans``, in order; None when the reader keeps no
-    such records (a LiME or raw file: every byte it holds was read)."""
+    such records (a LiME or raw file: every byte it holds was read). Pages read and found
+    all zeros (READ_ZERO) are data, not listed."""
     fate_runs = getattr(memory, "fate_runs", None)
     if not callable(fate_runs):
         return None
@@ -203,7 +204,7 @@ def _not_read(memory: PhysicalMemory, spans: list[tuple[int, int]]) -> list[_Fat
     runs = []
     i = 0
     for r in fate_runs():  # in physical order, as are the spans
-        if r.fate == Fate.READ:
+        if r.fate.is_data:  # a read-zero page's zeros are its content, exported as such
             continue
         start, end = r.start, r.start + r.count * page
         while i < len(spans) and spans[i][1] <= start:

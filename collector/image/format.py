@@ -7,6 +7,7 @@ describes the layout byte by byte; this module is its single definition in code.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import struct
@@ -22,8 +23,12 @@ from collector.memory import Fate, FateRun
 FORMAT_VERSION = 2
 #: Versions this reader opens. Version 1 records carry no checksum of their own. Version 3 is
 #: version 2 for images that use what older readers would misreport: a whole-stream hash
-#: other than SHA-256, or page fates they do not know; the writer uses it only then.
-READABLE_VERSIONS = (1, 2, 3)
+#: other than SHA-256, or page fates they do not know; the writer uses it only then. Version
+#: 4 is version 3 plus the READ_ZERO fate (``--skip zero``), which a version 3 reader would
+#: take for a damaged chunk descriptor.
+READABLE_VERSIONS = (1, 2, 3, 4)
+#: The first version whose chunk descriptors may record READ_ZERO pages.
+READ_ZERO_VERSION = 4
 MAGIC = b"COLLECT\0"
 
 ZSTD_MAGIC = 0xFD2FB528
@@ -232,6 +237,13 @@ class Desc:
     def has_lime_header(self) -> bool:
         return bool(self.flags & DESC_FLAG_LIME_HEADER)
 
+    @functools.cached_property
+    def unread_runs(self) -> list[FateRun]:
+        """The runs of pages whose bytes are not RAM's (``runs`` less READ_ZERO's): what a
+        read must stop at. Kept apart because RAM with scattered zero pages can give a chunk
+        hundreds of READ_ZERO runs that every read would otherwise step over."""
+        return [r for r in self.runs if not r.fate.is_data]
+
     @property
     def stream_bytes(self) -> int:
         """How many bytes the DATA frame decompresses to."""
@@ -274,6 +286,12 @@ class Desc:
                 fate = Fate(fate)
             except ValueError:
                 raise ImageError(f"chunk descriptor {seq} names unknown page fate {fate}") from None
+            if fate == Fate.READ_ZERO and version < READ_ZERO_VERSION:
+                # Such a page is served as data: a fate this version cannot hold is damage.
+                raise ImageError(
+                    f"chunk descriptor {seq} names page fate {int(fate)} ({fate.label}), "
+                    f"which version {version} images do not have"
+                )
             runs.append(FateRun(start, count, fate, errno))
         return cls(seq, paddr, ram_bytes, data_size, flags, time_ns, runs, *crc)
 

@@ -69,8 +69,12 @@ def image_info(
         meta = memory.metadata
         end = memory.end or {}
         fates: dict[str, int] = {}
+        read_zero = 0
         for run in memory.fate_runs():
-            fates[run.fate.label] = fates.get(run.fate.label, 0) + run.count
+            if run.fate.is_data:  # read-zero: read, so not among the pages not read
+                read_zero += run.count
+            else:
+                fates[run.fate.label] = fates.get(run.fate.label, 0) + run.count
         host = _dict(meta.get("host"))
         return {
             "image": path,
@@ -96,6 +100,7 @@ def image_info(
             "missing_ranges": [[s, e] for s, e in memory.missing_ranges()],
             "pages": _counts(end.get("pages")),
             "pages_not_read_in_image": fates,
+            "pages_read_zero_in_image": read_zero,
             "unreadable_errnos": _counts(end.get("unreadable_errnos")),
             "stream_sha256": _typed(end.get("stream_sha256"), str),
             "stream_hash": _typed(image_format.end_stream_hash(end)[0], str),
@@ -168,7 +173,8 @@ def format_info(info: dict) -> str:
     if info.get("pages"):
         lines.append("fates:    " + ", ".join(f"{k} {v}" for k, v in info["pages"].items()))
     skip = info.get("skip") or {}
-    if skip.get("classes"):
+    classes = [str(c) for c in skip.get("classes") or [] if c != "zero"]
+    if classes:
         if info.get("skip_seconds") is not None:
             how = (
                 f"struct pages read and classified before each chunk, "
@@ -176,7 +182,12 @@ def format_info(info: dict) -> str:
             )
         else:
             how = str(skip.get("note") or "not applied")
-        lines.append(f"skip:     {','.join(map(str, skip['classes']))}: {how}")
+        lines.append(f"skip:     {','.join(classes)}: {how}")
+    if "zero" in (skip.get("classes") or []):
+        lines.append(
+            f"skip:     zero: {info.get('pages_read_zero_in_image')} pages read and found all "
+            "zeros (read-zero: data, kept in the stream)"
+        )
     for errno, count in (info.get("unreadable_errnos") or {}).items():
         name = os.strerror(int(errno)) if errno.isdigit() and int(errno) < 4096 else errno
         lines.append(f"errno:    {name}: {count} pages")

@@ -635,10 +635,11 @@ class NativeImage:
 
     @_index_checked
     def readable_ranges(self) -> list[tuple[int, int]]:
-        """The parts of the captured ranges whose pages were read (fate READ)."""
+        """The parts of the captured ranges whose pages were read (fate READ or READ_ZERO)."""
         holes = [
             (r.start, r.start + r.count * self.page_size)
             for r in self.fate_runs()  # already in physical order
+            if not r.fate.is_data
         ]
         return _subtract(self.captured_ranges(), holes)
 
@@ -652,13 +653,14 @@ class NativeImage:
         return PageFate(Fate.OUTSIDE)
 
     def _first_unread(self, chunk: ChunkRef, start: int, end: int) -> int | None:
-        """The address of the first page of ``[start, end)`` in ``chunk`` that was not read."""
+        """The address of the first page of ``[start, end)`` in ``chunk`` that was not read
+        (READ_ZERO pages were read: their zeros are data)."""
         base = chunk.paddr // self.page_size
         lo = start // self.page_size - base
         hi = -(-end // self.page_size) - base
         first = None
-        for run in self._desc(chunk).runs:
-            if run.fate != Fate.READ and run.start < hi and run.start + run.count > lo:
+        for run in self._desc(chunk).unread_runs:
+            if run.start < hi and run.start + run.count > lo:
                 page = max(run.start, lo)
                 first = page if first is None else min(first, page)
         return None if first is None else (base + first) * self.page_size
@@ -697,7 +699,8 @@ class NativeImage:
         out (its DESC, its DATA frame's hash, the size its frame header claims, its LiME
         header); zstd's content checksum and the decompressed size are checked at the end
         of the frame. Pages recorded as not read are served as their DATA frame holds them
-        (zeros, as the writer pads them): the caller zero-fills what :meth:`fate_runs` lists.
+        (zeros, as the writer pads them): the caller zero-fills what :meth:`fate_runs` lists
+        as not data.
 
         :raises PageNotCaptured: at the first address no chunk holds.
         :raises ImageError: a chunk that does not check.
@@ -810,7 +813,8 @@ class NativeImage:
 
     @_index_checked
     def fate_runs(self) -> Iterator[FateRun]:
-        """Every run of pages whose fate is not READ, in physical order, with absolute addresses."""
+        """Every run of pages whose fate is not READ, in physical order, with absolute
+        addresses: READ_ZERO runs too (data; :attr:`Fate.is_data` tells them apart)."""
         return iter(list(self._fate_runs()))
 
     def _fate_runs(self) -> Iterator[FateRun]:
@@ -1019,6 +1023,8 @@ class _Verifier:
             data = self.img._chunk_data(d, rec.offset + rec.size)
         except ImageError as e:
             self.ram(f"{where}: {e}")
+        if data:
+            self._check_read_zero(d, data, where)
         self.stream.update(data)
         self.r.chunks += 1
         self.r.stream_bytes += len(data)
@@ -1028,6 +1034,20 @@ class _Verifier:
                 fmt.INDEX_CHUNK, d.paddr, d.ram_bytes, rec.offset, rec.size, d.data_size, d.seq
             )
         )
+
+    def _check_read_zero(self, d: fmt.Desc, data: bytes, where: str) -> None:
+        """A page recorded read-zero is served as data: its bytes must be the zeros the
+        record promises."""
+        page = self.img.page_size
+        head = LIME_HEADER_SIZE if d.has_lime_header else 0
+        lead = d.paddr % page
+        for r in d.runs:
+            if r.fate != Fate.READ_ZERO:
+                continue
+            lo = head + max(0, r.start * page - lead)
+            hi = head + min(d.ram_bytes, (r.start + r.count) * page - lead)
+            if lo < hi and data.count(0, lo, hi) != hi - lo:
+                self.ram(f"{where}: pages recorded read-zero from page {r.start} hold other bytes")
 
     def blob(self, rec: _Record, payload: bytes) -> None:
         try:

@@ -56,7 +56,8 @@ class SparseMemory:
         return self._fates.get(paddr - paddr % self.page_size, PageFate(Fate.READ))
 
     def fate_runs(self) -> Iterator[FateRun]:
-        """Every page of ``fates`` not read, in physical order, one run each."""
+        """Every page of ``fates`` other than READ (READ_ZERO included, as the native reader
+        lists it), in physical order, one run each."""
         for page in sorted(self._fates):
             f = self._fates[page]
             if f.fate != Fate.READ and self._locate(page) is not None:
@@ -70,7 +71,7 @@ class SparseMemory:
                 raise PageNotCaptured(paddr, Fate.OUTSIDE)
             page = paddr - paddr % self.page_size
             f = self._fates.get(page)
-            if f is not None and f.fate != Fate.READ:
+            if f is not None and not f.fate.is_data:
                 raise PageNotCaptured(page, f.fate, f.errno)
             end = min(self._starts[i] + len(self._data[i]), page + self.page_size, paddr + size)
             off = paddr - self._starts[i]

@@ -84,6 +84,9 @@ class ImageWriter:
         self.stream_bytes = 0
         self.seq = 0
         self.fate_pages: dict[str, int] = {f.label: 0 for f in Fate if f < Fate.OUTSIDE}
+        if self.version >= fmt.READ_ZERO_VERSION:
+            # Counted even when none is found: the image says they were looked for.
+            self.fate_pages[Fate.READ_ZERO.label] = 0
         self.unreadable_errnos: dict[int, int] = {}
         self.broken: OutputError | None = None
         self._t0 = time.monotonic_ns()
@@ -221,6 +224,8 @@ class ImageWriter:
         pages = (paddr % self.page_size + size + self.page_size - 1) // self.page_size
         not_read = 0
         for r in runs:
+            if r.fate == Fate.READ_ZERO and self.version < fmt.READ_ZERO_VERSION:
+                raise ValueError(f"read-zero pages need image format version 4, not {self.version}")
             # Fates after OUTSIDE (skipped pages) are listed only when a capture has them.
             self.fate_pages[r.fate.label] = self.fate_pages.get(r.fate.label, 0) + r.count
             not_read += r.count

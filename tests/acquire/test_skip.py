@@ -181,7 +181,7 @@ def test_an_unreadable_struct_page_array_means_every_page_is_read(
     out = tmp_path / "all.lime.zst"
     assert capture(no_struct_pages, out, "--skip", "free") == 0
     text = capsys.readouterr().out
-    notes = [line for line in text.splitlines() if "--skip not applied" in line]
+    notes = [line for line in text.splitlines() if "--skip free not applied" in line]
     assert len(notes) == 1 and "struct page" in notes[0]
     with NativeImage(out) as img:
         assert img.version == 2 and img.metadata["skip"]["in_use"] is False
@@ -205,7 +205,7 @@ def test_bad_skip_arguments_are_usage_errors(no_struct_pages, tmp_path, capsys):
         capture(no_struct_pages, tmp_path / "x", "--skip", "free,bogus")
     assert e.value.code == 2 and "unknown class bogus" in capsys.readouterr().err
     assert capture(no_struct_pages, tmp_path / "y", "--strict") == 2
-    assert "--strict applies to --skip only" in capsys.readouterr().err
+    assert "--strict applies to --skip free or cache only" in capsys.readouterr().err
 
 
 def test_a_plain_capture_does_not_import_numpy(no_struct_pages, tmp_path):

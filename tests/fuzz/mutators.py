@@ -66,7 +66,9 @@ def native_image() -> bytes:
         "plan": {"entries": [{"start": 0x1000, "end": 0x4800, "source": "/dev/mem"}]},
     }
     out = BytesIO()
-    w = ImageWriter(out, page_size=PAGE, chunk_size=CHUNK, metadata=meta, threads=1)
+    # Version 4, with the all-zero chunk recorded read-zero (as `--skip zero` records it):
+    # a mutated image must serve those pages as written (zeros) or not at all.
+    w = ImageWriter(out, page_size=PAGE, chunk_size=CHUNK, metadata=meta, threads=1, version=4)
     w.add_blob("btf", bytes(range(256)) * 4)
     w.add_blob("vmcoreinfo", VMCOREINFO)
     for start, data in memory.items():
@@ -74,6 +76,8 @@ def native_image() -> bytes:
         while pos < start + len(data):
             end = min(start + len(data), (pos // CHUNK + 1) * CHUNK)
             runs = [FateRun(1, 1, Fate.UNREADABLE, 5)] if pos == 0x100000 else []
+            if pos == 0x100000 + CHUNK:
+                runs = [FateRun(0, CHUNK // PAGE, Fate.READ_ZERO)]
             bounds = (start, start + len(data)) if pos == start else (None, None)
             chunk = bytearray(data[pos - start : end - start])
             if runs:
