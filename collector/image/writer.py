@@ -220,7 +220,8 @@ class ImageWriter:
         self.stream_bytes += len(payload)
 
     def _account(self, paddr: int, size: int, runs: list[FateRun]) -> bool:
-        """Count the chunk's pages by fate; True when none of them was read."""
+        """Count the chunk's pages by fate; True when every page has a fate whose bytes are
+        zeros (not read, or read and found all zeros)."""
         pages = (paddr % self.page_size + size + self.page_size - 1) // self.page_size
         not_read = 0
         for r in runs:
