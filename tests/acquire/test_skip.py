@@ -221,3 +221,23 @@ def test_a_plain_capture_does_not_import_numpy(no_struct_pages, tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert out.stdout.split()[-2:] == ["0", "False"]
+
+
+def test_only_the_symbols_the_live_walk_needs_are_parsed_from_kallsyms():
+    from collector.acquire.live import kallsyms_subset
+
+    text = (
+        b"ffffffff81000000 T _text\n"
+        b"ffffffff82000010 D node_data\n"
+        b"ffffffff82000020 D node_data_extra\n"  # a longer name: not node_data
+        b"ffffffffc0000000 t nr_cpu_ids\t[some_module]\n"  # a module's: not the kernel's
+        b"ffffffff82000030 d nr_cpu_ids\n"
+        b"ffffffff82000040 D __per_cpu_offset"  # the last line, no newline
+    )
+    table = kallsyms_subset(text, ("_text", "node_data", "nr_cpu_ids", "__per_cpu_offset", "x"))
+    assert sorted((s.name, s.address) for s in table) == [
+        ("__per_cpu_offset", 0xFFFFFFFF82000040),
+        ("_text", 0xFFFFFFFF81000000),
+        ("node_data", 0xFFFFFFFF82000010),
+        ("nr_cpu_ids", 0xFFFFFFFF82000030),
+    ]

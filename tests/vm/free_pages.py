@@ -3,7 +3,9 @@
 ``memfree``: /proc/meminfo's MemFree in bytes (zone free counters: buddy and per-CPU lists).
 ``kpage_free``: page frames of System RAM that /proc/kpageflags and /proc/kpagecount show as
 free: the head of a free buddy block (KPF_BUDDY), or no references and no flags at all (the
-rest of a free block, or a page on a per-CPU list). Standard library only.
+rest of a free block, or a page on a per-CPU list).
+``pcp_count``: pages on the per-CPU free lists, the sum of /proc/zoneinfo's pageset counts.
+Standard library only.
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ def main() -> None:
                     continue
                 if f & KPF_BUDDY or (f == 0 and c == 0):
                     free += 1
-    print(json.dumps({"memfree": memfree, "kpage_free": free * PAGE}))
+    with open("/proc/zoneinfo") as fh:
+        # Each CPU's pageset of each zone: "    cpu: N", then "              count: N".
+        pcp = sum(int(line.split()[1]) for line in fh if line.split()[:1] == ["count:"])
+    print(json.dumps({"memfree": memfree, "kpage_free": free * PAGE, "pcp_count": pcp}))
 
 
 if __name__ == "__main__":
