@@ -224,40 +224,46 @@ def read_chunk(
     return buf, runs
 
 
-def zero_runs(data: bytes, paddr: int, page_size: int) -> list[tuple[int, int]]:
-    """The pages of a chunk whose bytes in ``data`` are all zero, as ``(first, end)`` page
-    indexes within the chunk (page 0 holds ``paddr``), in order and merged.
+def zero_runs(
+    data: bytes | bytearray, paddr: int, page_size: int, start: int = 0, end: int | None = None
+) -> list[tuple[int, int]]:
+    """The pages of a chunk whose bytes in ``data[start:end]`` are all zero, as
+    ``(first, end)`` page indexes within the chunk (page 0 holds ``paddr``), in order and
+    merged.
 
     ``bytes.startswith`` against a block of zeros is a ``memcmp`` without a copy that stops
     at the first non-zero byte, so a page of data costs a few bytes compared; blocks of
     :data:`ZERO_BLOCK` bytes are tried first so that zero stretches cost one call per block.
-    A partial page (a range that starts or ends inside a page) is judged on the bytes the
-    chunk has of it.
+    A partial page (a range that starts or ends inside a page, or ``start`` or ``end`` inside
+    one) is judged on the bytes the chunk has of it.
     """
-    size = len(data)
+    end = len(data) if end is None else end
     starts = data.startswith
     lead = paddr % page_size
-    head = min(size, page_size - lead) if lead else 0  # bytes of a partial first page
+
+    def index(offset: int) -> int:  # the page holding byte ``offset`` of the chunk
+        return (lead + offset) // page_size
+
     found: list[tuple[int, int]] = []
-    if head and starts(_zeros(head), 0, head):
-        found.append((0, 1))
-    first = 1 if head else 0  # the page index at byte ``head``
-    body = head + (size - head) // page_size * page_size  # the end of the whole pages
+    pos = start
+    head = min(end, (index(pos) + 1) * page_size - lead) if (lead + pos) % page_size else pos
+    if head > pos:  # a partial first page
+        if starts(_zeros(head - pos), pos, head):
+            found.append((index(pos), index(pos) + 1))
+        pos = head
+    body = pos + (end - pos) // page_size * page_size  # the end of the whole pages
     block = max(1, ZERO_BLOCK // page_size) * page_size
     block_zeros, page_zeros = _zeros(block), _zeros(page_size)
-    for off in range(head, body, block):
-        end = min(body, off + block)
-        k = first + (off - head) // page_size
-        if starts(block_zeros if end - off == block else _zeros(end - off), off, end):
-            found.append((k, k + (end - off) // page_size))
+    for off in range(pos, body, block):
+        stop = min(body, off + block)
+        if starts(block_zeros if stop - off == block else _zeros(stop - off), off, stop):
+            found.append((index(off), index(off) + (stop - off) // page_size))
             continue
         # The common case for RAM in use: one call per page, comparing a few bytes each.
-        for o in [o for o in range(off, end, page_size) if starts(page_zeros, o, o + page_size)]:
-            k = first + (o - head) // page_size
-            found.append((k, k + 1))
-    if body < size and starts(_zeros(size - body), body, size):
-        k = first + (body - head) // page_size
-        found.append((k, k + 1))
+        for o in [o for o in range(off, stop, page_size) if starts(page_zeros, o, o + page_size)]:
+            found.append((index(o), index(o) + 1))
+    if body < end and starts(_zeros(end - body), body, end):
+        found.append((index(body), index(body) + 1))
     out: list[tuple[int, int]] = []
     for lo, hi in found:
         if out and out[-1][1] == lo:
@@ -269,8 +275,24 @@ def zero_runs(data: bytes, paddr: int, page_size: int) -> list[tuple[int, int]]:
 
 def with_zero_pages(data: bytes, paddr: int, page_size: int, runs: list[FateRun]) -> list[FateRun]:
     """``runs`` (a chunk's fates, sorted) with every read page of ``data`` that is all zeros
-    added as READ_ZERO. Pages with another fate keep it: their zeros are not RAM's."""
-    zero = zero_runs(data, paddr, page_size)
+    added as READ_ZERO. Pages with another fate keep it: their zeros are not RAM's.
+
+    Only the read pages are looked at: in a chunk ``--skip free`` left mostly unread, the
+    rest is known to be zeros already and has its fate."""
+    lead = paddr % page_size
+    pages = (lead + len(data) + page_size - 1) // page_size
+    zero: list[tuple[int, int]] = []
+    pos = 0
+    for first, stop in [*((r.start, r.start + r.count) for r in runs), (pages, pages)]:
+        if first > pos:  # pages [pos, first) were read
+            lo = max(0, pos * page_size - lead)
+            hi = min(len(data), first * page_size - lead)
+            for z in zero_runs(data, paddr, page_size, lo, hi):
+                if zero and zero[-1][1] == z[0]:
+                    zero[-1] = (zero[-1][0], z[1])
+                else:
+                    zero.append(z)
+        pos = max(pos, stop)
     if not zero:
         return runs
     added: list[FateRun] = []

@@ -15,6 +15,8 @@ import sys
 from io import BytesIO
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from collector.acquire.capture import with_zero_pages, zero_runs
 from collector.cli import main
@@ -304,6 +306,35 @@ def test_zero_pages_never_replace_another_fate():
         FateRun(7, 1, Fate.READ_ZERO),
     ]
     assert with_zero_pages(bytes([1]) * 8 * PAGE, 0, PAGE, runs) == runs
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lead=st.sampled_from([0, 0x400, 0xFFF]),
+    kinds=st.lists(st.sampled_from(["zero", "data", "unreadable", "skipped"]), max_size=40),
+    tail=st.sampled_from([0, 0x100]),
+)
+def test_zero_pages_are_the_read_pages_that_hold_only_zeros(lead, kinds, tail):
+    # Against a page-by-page reference: which page of the chunk is read and all zeros.
+    sizes = [PAGE - lead if i == 0 and lead else PAGE for i in range(len(kinds))]
+    if kinds and tail:
+        sizes[-1] = min(sizes[-1], tail)
+    data = b"".join(
+        bytes([7]) * n if k == "data" else bytes(n) for k, n in zip(kinds, sizes, strict=True)
+    )
+    fates = {"unreadable": Fate.UNREADABLE, "skipped": Fate.SKIPPED_FREE}
+    runs = []
+    for i, k in enumerate(kinds):
+        if k in fates:
+            if runs and runs[-1].fate == fates[k] and runs[-1].start + runs[-1].count == i:
+                runs[-1] = FateRun(runs[-1].start, runs[-1].count + 1, fates[k])
+            else:
+                runs.append(FateRun(i, 1, fates[k]))
+    want = {i for i, k in enumerate(kinds) if k == "zero"}
+    got = with_zero_pages(data, 0x100000 + lead, PAGE, runs)
+    zero = {r.start + j for r in got if r.fate == Fate.READ_ZERO for j in range(r.count)}
+    assert zero == want
+    assert [r for r in got if r.fate != Fate.READ_ZERO] == runs
 
 
 # -- the format -------------------------------------------------------------------------------

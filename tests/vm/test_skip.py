@@ -73,6 +73,11 @@ class Skipped:
     page_tables: dict
     iomem: str
 
+    @property
+    def ram_pfns(self) -> list[tuple[int, int]]:
+        spans = [(-(-s // PAGE), e // PAGE) for s, e in iomem_entries(self.iomem, "System RAM")]
+        return [(lo, hi) for lo, hi in spans if hi > lo]
+
 
 @pytest.fixture(scope="module", params=KERNEL_KEYS, ids=[f"linux-{k}" for k in KERNEL_KEYS])
 def skipped(request: pytest.FixtureRequest) -> Iterator[Skipped]:
@@ -192,23 +197,28 @@ def test_mem_usage_walks_the_per_cpu_free_lists(skipped: Skipped) -> None:
     assert min(seen) / 2 <= pcp["count"] <= max(seen) * 2
     # What the walk found against what the lists said they held: lists that changed while
     # they were walked add or lose pages, checked again per chunk before anything is skipped.
-    assert 0.75 * pcp["count"] <= pcp["walked_pages"] <= 1.25 * pcp["count"]
+    assert 0.5 * pcp["count"] <= pcp["walked_pages"] <= 2 * pcp["count"]
     assert pcp["walked_pages"] > 500
 
 
 def test_struct_pages_through_the_page_tables_agree_with_kcore(skipped: Skipped) -> None:
     # Where kcore is refused but /dev/mem allows RAM, the vmemmap is reached through the
     # kernel's page tables. No Debian kernel allows RAM through /dev/mem, so the guest
-    # forces that walk over kcore's physical reads: both views, taken a second apart,
-    # give the same classes but for the pages that changed in between.
-    kcore, tables = skipped.page_tables["kcore"], skipped.page_tables["page tables"]
-    print(f"\n{kcore}\n{tables}")
-    assert kcore["vmemmap_base"] == tables["vmemmap_base"]
-    assert sum(kcore["pages"].values()) == sum(tables["pages"].values())
-    for group, n in kcore["pages"].items():
-        assert abs(tables["pages"][group] - n) <= max(256, n // 50), group
-    # The struct pages, and the page tables on the way: a few pages per 2 MiB of vmemmap.
-    assert kcore["bytes_read"] <= tables["bytes_read"] <= kcore["bytes_read"] + (2 << 20)
+    # forces that walk over kcore's physical reads, and reads each chunk's struct pages
+    # both ways, one right after the other.
+    got = skipped.page_tables
+    print(f"\n{got}")
+    assert got["vmemmap_base"]["kcore"] == got["vmemmap_base"]["page tables"]
+    assert got["struct_pages"] == sum(hi - lo for lo, hi in skipped.ram_pfns)
+    # The few that differ changed between the two reads (a reference taken or dropped).
+    assert got["equal"] >= got["struct_pages"] * 0.999, got["equal"]
+    kcore, tables = got["classes"]["kcore"], got["classes"]["page tables"]
+    assert kcore.keys() == tables.keys() and sum(kcore.values()) == sum(tables.values())
+    for name, n in kcore.items():
+        assert abs(tables[name] - n) <= max(64, n // 100), name
+    # The struct pages twice each way, and the page tables on the way.
+    reads = got["bytes_read"]
+    assert reads["kcore"] <= reads["page tables"] <= reads["kcore"] + (4 << 20)
 
 
 def ram_seconds(image: Path) -> float:
