@@ -52,11 +52,12 @@ the chunk under way is completed and the image closed, saying what it misses.
 
 STANDALONE_EPILOG = """
 standalone build: this file carries Python and the libraries collect needs. Each run unpacks
-them into two new private directories (mode 0700) under $TMPDIR (default /tmp), staticx-XXXXXX
-(the C library and loader) and _MEIXXXXXX (Python and its packages), and removes both when it
-exits, also on SIGINT and SIGTERM. Only SIGKILL, or a signal in the first moments while they
-are still being unpacked, leaves them behind. Nothing else is written but the image; to keep
-even these off the disk being examined, point TMPDIR at a tmpfs (TMPDIR=/dev/shm).
+them into one new private directory (mode 0700) under $TMPDIR (default /tmp),
+collect-XXXXXX, and removes it when it exits, whatever ends it (SIGINT, SIGTERM, SIGHUP and
+SIGQUIT at any moment included); only SIGKILL of the first process can leave it behind. It
+holds a copy of the program (collect), staticx-XXXXXX (the C library and loader) and
+_MEIXXXXXX (Python and its packages). Nothing else is written but the image; to keep even
+this off the disk being examined, point TMPDIR at a tmpfs (TMPDIR=/dev/shm).
 """
 
 
@@ -189,6 +190,23 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
 def standalone() -> bool:
     """Whether this is the one-file build of tools/binary.py (PyInstaller sets sys.frozen)."""
     return bool(getattr(sys, "frozen", False))
+
+
+def restore_user_tmpdir() -> None:
+    """Give the standalone build's Python the caller's TMPDIR back.
+
+    The outermost process (tools/guardian.c) points TMPDIR at its private directory so the
+    launchers unpack inside it, and passes the caller's own in COLLECT_USER_TMPDIR (absent
+    when the caller had none); anything collect starts or creates gets the caller's.
+    """
+    if not standalone() or "COLLECT_PRIVATE_DIR" not in os.environ:
+        return
+    del os.environ["COLLECT_PRIVATE_DIR"]
+    user = os.environ.pop("COLLECT_USER_TMPDIR", None)
+    if user is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = user
 
 
 def version_text() -> str:
@@ -884,6 +902,7 @@ INTERMIXED = {"translate"}
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    restore_user_tmpdir()
     try:
         top, commands = command_parser(
             with_analysis=bool(argv) and argv[0] in ANALYSIS_COMMANDS,

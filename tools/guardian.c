@@ -1,0 +1,326 @@
+/*
+ * The outermost process of the standalone build (tools/binary.py, docs/standalone.md).
+ *
+ * staticx's launcher and PyInstaller's each unpack into a directory under $TMPDIR and remove
+ * it when their child exits, but each installs its signal handlers only after it has
+ * unpacked and forked: a signal in those first tenths of a second ends it by the default
+ * action and leaves its directory behind. This program runs around both and removes what
+ * they unpack, whenever and however a signal arrives:
+ *
+ *  1. SIGINT, SIGTERM, SIGHUP and SIGQUIT are blocked before anything else, and stay
+ *     blocked in this process for good: they are taken with sigwaitinfo() in the wait loop,
+ *     so one arriving at any moment is held pending until that loop sees it.
+ *  2. A private directory, $TMPDIR/collect-XXXXXX (mkdtemp, mode 0700), is made.
+ *  3. The payload appended to this file (staticx's executable) is copied into it. Not a
+ *     memfd: staticx's launcher sets STATICX_PROG_PATH from realpath("/proc/self/exe") and
+ *     stops when that is no path on a filesystem.
+ *  4. A child gets the caller's signal mask back, TMPDIR pointing at the private directory
+ *     (so staticx's and PyInstaller's directories are made inside it) and the caller's TMPDIR
+ *     in COLLECT_USER_TMPDIR (collect puts it back for itself), and executes the copy with
+ *     this process's argv.
+ *  5. This process, a child subreaper (processes its child leaves orphaned become its own),
+ *     passes signals on to its children until none is left, removes the private directory
+ *     without following symbolic links, and ends as its child did: the same exit status, or
+ *     killed by the same signal.
+ *
+ * A signal that arrives before the child is started means it is never started: the
+ * directory is removed and this process dies of that signal.
+ *
+ * Built with `gcc -static -Os` by tools/binary.py, which appends the payload and a trailer:
+ * the 8-byte magic below, then the payload's offset and size (little-endian 64-bit).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <dirent.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/sendfile.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define MAGIC "COLLECT\x01"
+#define TRAILER_SIZE 24
+/* The copy of the payload inside the private directory. */
+#define PAYLOAD_NAME "collect"
+
+static const int FORWARDED[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT};
+#define NFORWARDED (sizeof(FORWARDED) / sizeof(FORWARDED[0]))
+
+static char private_dir[4096];
+
+static void remove_private_dir(void);
+
+/* One line on stderr, the private directory removed, exit status 1 (collect's "error"). */
+static void fail(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+static void fail(const char *fmt, ...)
+{
+    va_list ap;
+    fputs("collect: error: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    remove_private_dir();
+    exit(1);
+}
+
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st;
+    (void)ftw;
+    /* FTW_DP: a directory, after its contents (FTW_DEPTH). */
+    if ((flag == FTW_DP ? rmdir(path) : unlink(path)) != 0 && errno != ENOENT)
+        fprintf(stderr, "collect: warning: cannot remove %s: %s\n", path, strerror(errno));
+    return 0;
+}
+
+static void remove_private_dir(void)
+{
+    if (private_dir[0] == '\0')
+        return;
+    /* FTW_PHYS: a symbolic link is removed, never followed; FTW_MOUNT: never leave the
+     * filesystem the directory is on. */
+    nftw(private_dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS | FTW_MOUNT);
+    private_dir[0] = '\0';
+}
+
+static uint64_t le64(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* Copy the payload out of this executable into the private directory; return its path. */
+static char *unpack_payload(void)
+{
+    static char path[sizeof(private_dir) + sizeof(PAYLOAD_NAME) + 1];
+    int self = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
+    if (self < 0)
+        fail("cannot open /proc/self/exe (%s): is /proc mounted?", strerror(errno));
+    struct stat st;
+    unsigned char trailer[TRAILER_SIZE];
+    if (fstat(self, &st) != 0 || st.st_size < TRAILER_SIZE ||
+        pread(self, trailer, TRAILER_SIZE, st.st_size - TRAILER_SIZE) != TRAILER_SIZE ||
+        memcmp(trailer, MAGIC, 8) != 0)
+        fail("this file carries no program: it is not a complete standalone build");
+    uint64_t offset = le64(trailer + 8), size = le64(trailer + 16);
+    if (offset > (uint64_t)st.st_size || size != (uint64_t)st.st_size - TRAILER_SIZE - offset)
+        fail("this file is truncated or damaged: its program does not fit in it");
+
+    snprintf(path, sizeof(path), "%s/%s", private_dir, PAYLOAD_NAME);
+    int out = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0700);
+    if (out < 0)
+        fail("cannot create %s: %s", path, strerror(errno));
+    off_t from = (off_t)offset;
+    uint64_t left = size;
+    while (left > 0) {
+        ssize_t n = sendfile(out, self, &from, left > (1 << 30) ? (1 << 30) : left);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            fail("cannot write %s: %s", path, n < 0 ? strerror(errno) : "unexpected end of file");
+        left -= (uint64_t)n;
+    }
+    /* Closed before exec: a file still open for writing cannot be executed (ETXTBSY). */
+    if (close(out) != 0)
+        fail("cannot write %s: %s", path, strerror(errno));
+    close(self);
+    return path;
+}
+
+static void make_private_dir(void)
+{
+    const char *root = getenv("TMPDIR");
+    if (root == NULL || root[0] == '\0')
+        root = "/tmp";
+    char template[sizeof(private_dir)];
+    if (snprintf(template, sizeof(template), "%s/collect-XXXXXX", root) >= (int)sizeof(template))
+        fail("TMPDIR is too long");
+    if (mkdtemp(template) == NULL)
+        fail("cannot create a private directory in %s (%s): set TMPDIR to a writable "
+             "directory, e.g. TMPDIR=/dev/shm",
+             root, strerror(errno));
+    strcpy(private_dir, template);
+    struct statvfs fs;
+    if (statvfs(private_dir, &fs) == 0 && (fs.f_flag & ST_NOEXEC))
+        fail("%s is on a filesystem mounted noexec, where the unpacked runtime cannot run: "
+             "set TMPDIR to a directory on one that allows execution",
+             root);
+}
+
+/* Send `sig` to every child of this process: the one it started and any descendant left
+ * orphaned (reparented here, as a subreaper). Not yet reaped, a child's PID cannot be reused
+ * between reading /proc and kill(). */
+static void signal_children(int sig)
+{
+    DIR *proc = opendir("/proc");
+    if (proc == NULL)
+        return;
+    pid_t self = getpid();
+    struct dirent *entry;
+    while ((entry = readdir(proc)) != NULL) {
+        if (entry->d_name[0] < '1' || entry->d_name[0] > '9')
+            continue;
+        char path[300], buf[512];
+        snprintf(path, sizeof(path), "/proc/%s/stat", entry->d_name);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        ssize_t n = read(fd, buf, sizeof(buf) - 1);
+        close(fd);
+        if (n <= 0)
+            continue;
+        buf[n] = '\0';
+        /* "pid (comm) state ppid ...": comm may hold anything, so parse after the last ')'. */
+        char *rest = strrchr(buf, ')');
+        char state;
+        int ppid;
+        if (rest != NULL && sscanf(rest + 1, " %c %d", &state, &ppid) == 2 && ppid == self)
+            kill(atoi(entry->d_name), sig);
+    }
+    closedir(proc);
+}
+
+/* Die of `sig` as the child did (or as an unhandled signal would have ended us). */
+static void die_of(int sig) __attribute__((noreturn));
+static void die_of(int sig)
+{
+    signal(sig, SIG_DFL);
+    sigset_t only;
+    sigemptyset(&only);
+    sigaddset(&only, sig);
+    raise(sig);
+    sigprocmask(SIG_UNBLOCK, &only, NULL);
+    /* Not a terminating signal after all: the shell's convention. */
+    _exit(128 + sig);
+}
+
+int main(int argc, char **argv)
+{
+    (void)argc;
+    sigset_t forwarded, caller_mask;
+    sigemptyset(&forwarded);
+    for (size_t i = 0; i < NFORWARDED; i++)
+        sigaddset(&forwarded, FORWARDED[i]);
+    sigprocmask(SIG_BLOCK, &forwarded, &caller_mask);
+
+    /* A signal the caller ignores (nohup, or `&` in a script) stays ignored: it is not
+     * waited for here, and the child inherits the disposition through exec. */
+    sigset_t waited = forwarded;
+    for (size_t i = 0; i < NFORWARDED; i++) {
+        struct sigaction old;
+        if (sigaction(FORWARDED[i], NULL, &old) == 0 && old.sa_handler == SIG_IGN)
+            sigdelset(&waited, FORWARDED[i]);
+    }
+    /* SIGCHLD is waited for too; a caller's SIG_IGN would make children reap themselves. */
+    signal(SIGCHLD, SIG_DFL);
+    sigaddset(&waited, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &waited, NULL);
+
+    /* No core file from any of its processes: a SIGQUIT or a crash would otherwise write
+     * one into the current directory of the machine being examined. */
+    struct rlimit no_core = {0, 0};
+    setrlimit(RLIMIT_CORE, &no_core);
+
+    make_private_dir();
+    char *payload = unpack_payload();
+    prctl(PR_SET_CHILD_SUBREAPER, 1);
+
+    const char *user_tmpdir = getenv("TMPDIR");
+    /* The child waits on `go` until this process has looked for signals that came before
+     * it existed. */
+    int go[2];
+    if (pipe2(go, O_CLOEXEC) != 0)
+        fail("cannot make a pipe: %s", strerror(errno));
+    pid_t child = fork();
+    if (child < 0)
+        fail("cannot start a process: %s", strerror(errno));
+    if (child == 0) {
+        close(go[1]);
+        char byte;
+        ssize_t n;
+        while ((n = read(go[0], &byte, 1)) < 0 && errno == EINTR)
+            ;
+        if (n != 1)
+            _exit(127);
+        prctl(PR_SET_CHILD_SUBREAPER, 0);
+        if (user_tmpdir != NULL)
+            setenv("COLLECT_USER_TMPDIR", user_tmpdir, 1);
+        else
+            unsetenv("COLLECT_USER_TMPDIR");
+        setenv("COLLECT_PRIVATE_DIR", private_dir, 1);
+        setenv("TMPDIR", private_dir, 1);
+        /* A signal passed on before this point is still pending: unblocked, it ends the
+         * child by its default action, before exec. */
+        sigprocmask(SIG_SETMASK, &caller_mask, NULL);
+        execv(payload, argv);
+        fprintf(stderr, "collect: error: cannot execute %s: %s\n", payload, strerror(errno));
+        _exit(127);
+    }
+    close(go[0]);
+
+    /* A signal so far (before the fork, or between it and here) ends the run before the
+     * program starts. One that arrives later was sent after the child existed: if it came
+     * from the terminal, the child, in the same process group, has its own copy. */
+    sigset_t pending;
+    sigpending(&pending);
+    for (size_t i = 0; i < NFORWARDED; i++) {
+        if (sigismember(&pending, FORWARDED[i]) && sigismember(&waited, FORWARDED[i])) {
+            kill(child, SIGKILL);
+            while (waitpid(child, NULL, 0) < 0 && errno == EINTR)
+                ;
+            remove_private_dir();
+            die_of(FORWARDED[i]);
+        }
+    }
+    if (write(go[1], "g", 1) != 1)
+        fail("cannot start the program: %s", strerror(errno));
+    close(go[1]);
+
+    int status = 0;
+    int child_done = 0;
+    for (;;) {
+        siginfo_t info;
+        int sig = sigwaitinfo(&waited, &info);
+        if (sig < 0)
+            continue; /* EINTR: a stop and continue (SIGSTOP/SIGCONT) */
+        if (sig != SIGCHLD) {
+            /* One from the terminal (SI_KERNEL) went to the whole foreground process group,
+             * the child's processes included: passing it on would only add copies. */
+            if (info.si_code != SI_KERNEL)
+                signal_children(sig);
+            continue;
+        }
+        int wstatus;
+        pid_t pid;
+        while ((pid = waitpid(-1, &wstatus, WNOHANG)) > 0) {
+            if (pid == child) {
+                status = wstatus;
+                child_done = 1;
+            }
+            /* A launcher killed before it passed a signal on leaves orphans that have not
+             * seen it: they are children of this process now, and get it from here. */
+            if (WIFSIGNALED(wstatus))
+                signal_children(WTERMSIG(wstatus));
+        }
+        if (pid < 0 && errno == ECHILD && child_done)
+            break;
+    }
+
+    remove_private_dir();
+    if (WIFSIGNALED(status))
+        die_of(WTERMSIG(status));
+    return WEXITSTATUS(status);
+}
