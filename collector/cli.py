@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -192,14 +193,21 @@ def standalone() -> bool:
     return bool(getattr(sys, "frozen", False))
 
 
-def restore_user_tmpdir() -> None:
-    """Give the standalone build's Python the caller's TMPDIR back.
+def restore_standalone_environment() -> None:
+    """Give the standalone build's Python the caller's TMPDIR back, and Python's SIGINT
+    handler.
 
     The outermost process (tools/guardian.c) points TMPDIR at its private directory so the
     launchers unpack inside it, and passes the caller's own in COLLECT_USER_TMPDIR (absent
     when the caller had none); anything collect starts or creates gets the caller's.
     """
-    if not standalone() or "COLLECT_PRIVATE_DIR" not in os.environ:
+    if not standalone():
+        return
+    # tools/pyi_rth_collect.py gave SIGINT its default action for the start-up; from here
+    # on a Ctrl-C is an Interrupted or KeyboardInterrupt that main() reports.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if "COLLECT_PRIVATE_DIR" not in os.environ:
         return
     del os.environ["COLLECT_PRIVATE_DIR"]
     user = os.environ.pop("COLLECT_USER_TMPDIR", None)
@@ -902,7 +910,7 @@ INTERMIXED = {"translate"}
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    restore_user_tmpdir()
+    restore_standalone_environment()
     try:
         top, commands = command_parser(
             with_analysis=bool(argv) and argv[0] in ANALYSIS_COMMANDS,

@@ -40,9 +40,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/sendfile.h>
+#include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/wait.h>
@@ -244,6 +246,18 @@ int main(int argc, char **argv)
     int go[2];
     if (pipe2(go, O_CLOEXEC) != 0)
         fail("cannot make a pipe: %s", strerror(errno));
+    /* Python's SIGINT handler raises KeyboardInterrupt wherever it lands, PyInstaller's
+     * start-up code included, which then ends with a traceback and status 1. So the program
+     * starts with SIGINT ignored (Python then installs no handler, and neither launcher is
+     * ended by one before it passes signals on), and its first runtime hook
+     * (tools/pyi_rth_collect.py) gives SIGINT its default action back and writes its PID
+     * into `ready`. A SIGINT that came here before that is sent to that PID then. Not when
+     * the caller ignores SIGINT: it stays ignored. */
+    int sigint_waited = sigismember(&waited, SIGINT);
+    int ready[2] = {-1, -1};
+    if (sigint_waited && pipe2(ready, O_CLOEXEC) != 0)
+        fail("cannot make a pipe: %s", strerror(errno));
+    pid_t parent = getpid();
     pid_t child = fork();
     if (child < 0)
         fail("cannot start a process: %s", strerror(errno));
@@ -255,13 +269,26 @@ int main(int argc, char **argv)
             ;
         if (n != 1)
             _exit(127);
-        prctl(PR_SET_CHILD_SUBREAPER, 0);
+        /* Should this process be killed (SIGKILL, which it cannot take), the program is
+         * stopped as by SIGTERM: it closes its image and its launchers remove their own
+         * directories. */
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
+        if (getppid() != parent)
+            _exit(127);
         if (user_tmpdir != NULL)
             setenv("COLLECT_USER_TMPDIR", user_tmpdir, 1);
         else
             unsetenv("COLLECT_USER_TMPDIR");
         setenv("COLLECT_PRIVATE_DIR", private_dir, 1);
         setenv("TMPDIR", private_dir, 1);
+        if (sigint_waited) {
+            /* Inherited by the launchers and Python: no close-on-exec. */
+            fcntl(ready[1], F_SETFD, 0);
+            char fd[16];
+            snprintf(fd, sizeof(fd), "%d", ready[1]);
+            setenv("COLLECT_READY_FD", fd, 1);
+            signal(SIGINT, SIG_IGN);
+        }
         /* A signal passed on before this point is still pending: unblocked, it ends the
          * child by its default action, before exec. */
         sigprocmask(SIG_SETMASK, &caller_mask, NULL);
@@ -270,6 +297,8 @@ int main(int argc, char **argv)
         _exit(127);
     }
     close(go[0]);
+    if (sigint_waited)
+        close(ready[1]);
 
     /* A signal so far (before the fork, or between it and here) ends the run before the
      * program starts. One that arrives later was sent after the child existed: if it came
@@ -289,17 +318,39 @@ int main(int argc, char **argv)
         fail("cannot start the program: %s", strerror(errno));
     close(go[1]);
 
+    int signals = signalfd(-1, &waited, SFD_CLOEXEC);
+    if (signals < 0)
+        fail("cannot wait for signals: %s", strerror(errno));
     int status = 0;
     int child_done = 0;
+    int sigint_seen = 0;
+    pid_t python = 0;
+    struct pollfd fds[2] = {{signals, POLLIN, 0}, {ready[0], POLLIN, 0}};
     for (;;) {
-        siginfo_t info;
-        int sig = sigwaitinfo(&waited, &info);
-        if (sig < 0)
+        if (poll(fds, ready[0] >= 0 ? 2 : 1, -1) < 0)
             continue; /* EINTR: a stop and continue (SIGSTOP/SIGCONT) */
+        if (ready[0] >= 0 && fds[1].revents) {
+            char text[32] = "";
+            ssize_t n = read(ready[0], text, sizeof(text) - 1);
+            if (n > 0)
+                python = (pid_t)atoi(text);
+            close(ready[0]);
+            ready[0] = fds[1].fd = -1;
+            if (python > 0 && sigint_seen)
+                kill(python, SIGINT);
+        }
+        if (!fds[0].revents)
+            continue;
+        struct signalfd_siginfo info;
+        if (read(signals, &info, sizeof(info)) != sizeof(info))
+            continue;
+        int sig = (int)info.ssi_signo;
         if (sig != SIGCHLD) {
+            if (sig == SIGINT && python == 0)
+                sigint_seen = 1;
             /* One from the terminal (SI_KERNEL) went to the whole foreground process group,
              * the child's processes included: passing it on would only add copies. */
-            if (info.si_code != SI_KERNEL)
+            if (info.ssi_code != SI_KERNEL)
                 signal_children(sig);
             continue;
         }
