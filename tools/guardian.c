@@ -8,24 +8,27 @@
  * they unpack, whenever and however a signal arrives:
  *
  *  1. SIGINT, SIGTERM, SIGHUP and SIGQUIT are blocked before anything else, and stay
- *     blocked in this process for good: they are taken with sigwaitinfo() in the wait loop,
- *     so one arriving at any moment is held pending until that loop sees it.
+ *     blocked in this process for good: they are read from a signalfd in the wait loop, so
+ *     one arriving at any moment is held pending until that loop sees it. The core size
+ *     limit becomes 0 for this process and its descendants.
  *  2. A private directory, $TMPDIR/collect-XXXXXX (mkdtemp, mode 0700), is made.
  *  3. The payload appended to this file (staticx's executable) is copied into it. Not a
  *     memfd: staticx's launcher sets STATICX_PROG_PATH from realpath("/proc/self/exe") and
  *     stops when that is no path on a filesystem.
  *  4. A child gets the caller's signal mask back, TMPDIR pointing at the private directory
  *     (so staticx's and PyInstaller's directories are made inside it) and the caller's TMPDIR
- *     in COLLECT_USER_TMPDIR (collect puts it back for itself), and executes the copy with
- *     this process's argv.
+ *     in COLLECT_USER_TMPDIR (collect puts it back for itself), SIGINT ignored until Python
+ *     is ready for it (see `ready` below), SIGTERM as its parent-death signal, and executes
+ *     the copy with this process's argv.
  *  5. This process, a child subreaper (processes its child leaves orphaned become its own),
  *     passes signals on to its children until none is left, removes the private directory
  *     without following symbolic links, and ends as its child did: the same exit status, or
  *     killed by the same signal.
  *
  * A signal that arrives before the child is started means it is never started: the
- * directory is removed and this process dies of that signal.
- *
+ * directory is removed and this process dies of that signal. Only SIGKILL of this process
+ * leaves the directory (holding the copy of the payload) behind.
+
  * Built with `gcc -static -Os` by tools/binary.py, which appends the payload and a trailer:
  * the 8-byte magic below, then the payload's offset and size (little-endian 64-bit).
  */
