@@ -56,9 +56,9 @@ standalone build: this file carries Python and the libraries collect needs. Each
 them into one new private directory (mode 0700) under $TMPDIR (default /tmp),
 collect-XXXXXX, and removes it when it exits, whatever ends it (SIGINT, SIGTERM, SIGHUP and
 SIGQUIT at any moment included); only SIGKILL of the first process can leave it behind. It
-holds a copy of the program (collect), staticx-XXXXXX (the C library and loader) and
-_MEIXXXXXX (Python and its packages). Nothing else is written but the image; to keep even
-this off the disk being examined, point TMPDIR at a tmpfs (TMPDIR=/dev/shm).
+holds the C library, the loader and the program, and _MEIXXXXXX (Python and its packages).
+Nothing else is written but the image; to keep even this off the disk being examined, point
+TMPDIR at a tmpfs (TMPDIR=/dev/shm).
 """
 
 

@@ -103,7 +103,7 @@ def test_help_says_what_it_unpacks_and_where(standalone_binary):
     assert (
         "one new private directory (mode 0700) under $TMPDIR (default /tmp), collect-XXXXXX" in text
     )
-    assert "staticx-XXXXXX" in text and "_MEIXXXXXX" in text
+    assert "_MEIXXXXXX" in text
     assert "only SIGKILL of the first process can leave it behind" in text
 
 
@@ -193,8 +193,8 @@ def _session(top: int) -> dict[int, int]:
 
 
 def _chain(top: int) -> list[int]:
-    """The guardian ``top``, staticx's launcher, PyInstaller's launcher and Python, in the
-    order each started the next."""
+    """The guardian ``top``, PyInstaller's launcher and Python, in the order each started
+    the next."""
     parents = _session(top)
     chain = [top]
     while child := [pid for pid, parent in parents.items() if parent == chain[-1]]:
@@ -229,15 +229,20 @@ def test_while_running_it_holds_one_private_directory(standalone_binary, fake, u
         assert fake.slow_read.wait(120), "the binary never read the fake's /dev/mem"
         (private,) = unpack_dir.iterdir()
         assert private.name.startswith("collect-") and len(private.name) == len("collect-") + 6
-        held = sorted(private.iterdir())
-        # The guardian's copy of staticx's executable, and the launchers' directories.
-        assert [p.name.split("-")[0][:4] for p in held] == ["_MEI", "coll", "stat"], held
-        assert held[1].name == "collect" and held[1].is_file()
-        modes = [stat.S_IMODE(p.stat().st_mode) for p in (private, *held)]
-        assert modes == [0o700] * 4
-        # The guardian, staticx's launcher, PyInstaller's launcher and Python.
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
+        held = {p.name: p for p in private.iterdir()}
+        # staticx's archive (the program, its loader and C library), unpacked by the
+        # guardian, and PyInstaller's directory beside it.
+        (mei,) = [p for name, p in held.items() if name.startswith("_MEI")]
+        assert mei.is_dir() and stat.S_IMODE(mei.stat().st_mode) == 0o700
+        program = held[".staticx.prog"].resolve()
+        assert program == held["collect-x86_64-dynamic"] and program.is_file()
+        assert held[".staticx.interp"].resolve() == held["ld-linux-x86-64.so.2"]
+        assert "libc.so.6" in held
+        # The guardian, PyInstaller's launcher and Python.
         chain = _chain(proc.pid)
-        assert len(chain) == len(_session(proc.pid)) == 4
+        assert len(chain) == len(_session(proc.pid)) == 3
+        assert Path(f"/proc/{chain[1]}/exe").resolve() == program
         environ = Path(f"/proc/{chain[-1]}/environ").read_bytes().split(b"\0")
         assert f"TMPDIR={private}".encode() in environ
         assert f"COLLECT_USER_TMPDIR={unpack_dir}".encode() in environ
@@ -313,7 +318,7 @@ def test_a_signal_before_it_starts_means_it_never_starts(standalone_binary, unpa
     assert list(unpack_dir.iterdir()) == []
 
 
-@pytest.mark.parametrize("victim", [1, 2, 3], ids=["staticx", "pyinstaller", "python"])
+@pytest.mark.parametrize("victim", [1, 2], ids=["pyinstaller", "python"])
 def test_sigkill_of_any_inner_process_leaves_nothing(standalone_binary, fake, unpack_dir, victim):
     # The guardian is a subreaper: what a killed launcher leaves orphaned becomes its child,
     # gets SIGKILL from it too, and is waited for before the directory goes.
@@ -321,7 +326,7 @@ def test_sigkill_of_any_inner_process_leaves_nothing(standalone_binary, fake, un
     proc = _plan(standalone_binary, fake, unpack_dir)
     assert fake.slow_read.wait(120)
     chain = _chain(proc.pid)
-    assert len(chain) == 4
+    assert len(chain) == 3
     os.kill(chain[victim], signal.SIGKILL)
     proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL
@@ -329,21 +334,23 @@ def test_sigkill_of_any_inner_process_leaves_nothing(standalone_binary, fake, un
     assert _session(proc.pid) == {}
 
 
-def test_sigkill_of_the_guardian_leaves_only_its_copy_of_the_program(
-    standalone_binary, fake, unpack_dir
-):
+def test_sigkill_of_the_guardian_leaves_only_what_it_unpacked(standalone_binary, fake, unpack_dir):
     fake.slow["mem"] = 2.0
     proc = _plan(standalone_binary, fake, unpack_dir)
     assert fake.slow_read.wait(120)
     (private,) = unpack_dir.iterdir()
+    unpacked = sorted(p.name for p in private.iterdir() if not p.name.startswith("_MEI"))
     proc.kill()
     proc.communicate(timeout=120)
-    # The launchers get SIGTERM when their parent dies: they stop and remove their own.
+    # PyInstaller's launcher gets SIGTERM when its parent dies: Python stops, and the
+    # launcher removes its own directory.
     deadline = time.monotonic() + 60
     while _session(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _session(proc.pid) == {}
-    assert sorted(unpack_dir.rglob("*")) == [private, private / "collect"]
+    assert list(unpack_dir.iterdir()) == [private]
+    assert sorted(p.name for p in private.iterdir()) == unpacked
+    assert "collect-x86_64-dynamic" in unpacked
 
 
 def test_an_unusable_tmpdir_is_one_line_and_status_1(standalone_binary, tmp_path):

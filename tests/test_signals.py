@@ -34,7 +34,7 @@ import os, signal, time
 from collector import signals
 with signals.handled() as state:
     stop = state.defer()
-    for _ in range(4):  # the signal itself and the guardian's and launchers' copies
+    for _ in range(3):  # the signal itself and the guardian's and the launcher's copies
         os.kill(os.getpid(), signal.SIGTERM)
     print("stopped once" if stop.is_set() and stop.signum == signal.SIGTERM else "not stopped")
     sys.stdout.flush()

@@ -2,9 +2,11 @@
 
 ``python -m tools.binary`` runs PyInstaller (the interpreter, the standard library and the
 packages `collect` imports, in one file) and then staticx (the C library and the loader that
-file needs, so nothing comes from the target), appends the result to the guardian
-(``tools/guardian.c``, compiled static: the outermost process, which gives both a private
-directory and removes it on every exit), and writes beside the binary its SHA-256 in
+file needs, so nothing comes from the target), appends staticx's archive of the program and
+those libraries to the guardian (``tools/guardian.c``, compiled static: the outermost
+process, which unpacks the archive into a private directory, runs the program from there and
+removes the directory on every exit; staticx's own launcher is not used), and writes beside
+the binary its SHA-256 in
 ``sha256sum`` format and a list of what it bundles. Everything it makes stays under the
 checkout: ``build/binary/`` for PyInstaller's work files, ``dist/`` for the results.
 """
@@ -22,6 +24,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -183,9 +186,39 @@ def guardian(work: Path) -> Path:
     return output
 
 
+def staticx_archive(bundled: Path, work: Path) -> Path:
+    """The archive staticx embedded in ``bundled`` (the program, its loader and libraries),
+    checked to be what the guardian unpacks: an uncompressed tar of regular files and
+    symbolic links with plain names, links to the program and the loader among them."""
+    archive = work / "staticx-archive.tar"
+    _run(
+        [
+            "objcopy",
+            "--dump-section",
+            f".staticx.archive={archive}",
+            str(bundled),
+            str(work / "objcopy-scratch"),
+        ]
+    )
+    try:
+        with tarfile.open(archive, mode="r:") as tar:
+            members = tar.getmembers()
+    except tarfile.TarError as e:
+        raise BuildError(f"staticx's archive is not a plain tar file: {e}") from None
+    names = {m.name for m in members}
+    for m in members:
+        if not (m.isreg() or m.issym()) or "/" in m.name or len(m.name.encode()) > 99:
+            raise BuildError(
+                f"staticx's archive holds {m.name!r}, which the guardian cannot unpack"
+            )
+    if not {".staticx.prog", ".staticx.interp"} <= names:
+        raise BuildError("staticx's archive lacks its links to the program and the loader")
+    return archive
+
+
 def attach(guardian_path: Path, payload: Path, output: Path) -> None:
-    """Write ``output``: the guardian, then ``payload`` (staticx's executable), then the
-    trailer that tells the guardian where the payload is."""
+    """Write ``output``: the guardian, then ``payload`` (staticx's archive), then the trailer
+    that tells the guardian where the payload is."""
     tmp = output.with_name(output.name + ".tmp")
     head = guardian_path.read_bytes()
     with open(tmp, "wb") as out:
@@ -263,7 +296,7 @@ def build(dist: Path) -> Path:
     bundled = work / f"{NAME}-staticx"
     staticx(program, bundled)
     output = dist / NAME
-    attach(guardian(work), bundled, output)
+    attach(guardian(work), staticx_archive(bundled, work), output)
     (dist / f"{NAME}.sha256").write_text(sha256_line(output))
     (dist / f"{NAME}.sbom.json").write_text(json.dumps(sbom(work), indent=2) + "\n")
     return output

@@ -4,22 +4,22 @@
  * staticx's launcher and PyInstaller's each unpack into a directory under $TMPDIR and remove
  * it when their child exits, but each installs its signal handlers only after it has
  * unpacked and forked: a signal in those first tenths of a second ends it by the default
- * action and leaves its directory behind. This program runs around both and removes what
- * they unpack, whenever and however a signal arrives:
+ * action and leaves its directory behind. This program replaces staticx's launcher and runs
+ * around PyInstaller's, and removes what is unpacked whenever and however a signal arrives:
  *
  *  1. SIGINT, SIGTERM, SIGHUP and SIGQUIT are blocked before anything else, and stay
  *     blocked in this process for good: they are read from a signalfd in the wait loop, so
  *     one arriving at any moment is held pending until that loop sees it. The core size
  *     limit becomes 0 for this process and its descendants.
  *  2. A private directory, $TMPDIR/collect-XXXXXX (mkdtemp, mode 0700), is made.
- *  3. The payload appended to this file (staticx's executable) is copied into it. Not a
- *     memfd: staticx's launcher sets STATICX_PROG_PATH from realpath("/proc/self/exe") and
- *     stops when that is no path on a filesystem.
+ *  3. staticx's archive, appended to this file (the PyInstaller program, its loader and C
+ *     library), is unpacked into it, and the program's loader path (PT_INTERP) and library
+ *     path (DT_RPATH) are set to point there, as staticx's own launcher does.
  *  4. A child gets the caller's signal mask back, TMPDIR pointing at the private directory
- *     (so staticx's and PyInstaller's directories are made inside it) and the caller's TMPDIR
- *     in COLLECT_USER_TMPDIR (collect puts it back for itself), SIGINT ignored until Python
- *     is ready for it (see `ready` below), SIGTERM as its parent-death signal, and executes
- *     the copy with this process's argv.
+ *     (so PyInstaller's directory is made inside it) and the caller's TMPDIR in
+ *     COLLECT_USER_TMPDIR (collect puts it back for itself), SIGINT ignored until Python is
+ *     ready for it (see `ready` below), SIGTERM as its parent-death signal, and executes the
+ *     program with this process's argv.
  *  5. This process, a child subreaper (processes its child leaves orphaned become its own),
  *     passes signals on to its children until none is left, removes the private directory
  *     without following symbolic links, and ends as its child did: the same exit status, or
@@ -27,16 +27,17 @@
  *
  * A signal that arrives before the child is started means it is never started: the
  * directory is removed and this process dies of that signal. Only SIGKILL of this process
- * leaves the directory (holding the copy of the payload) behind.
-
- * Built with `gcc -static -Os` by tools/binary.py, which appends the payload and a trailer:
- * the 8-byte magic below, then the payload's offset and size (little-endian 64-bit).
+ * leaves the directory (holding what this process unpacked) behind.
+ *
+ * Built with `gcc -static -Os` by tools/binary.py, which appends staticx's archive and a
+ * trailer: the 8-byte magic below, then the archive's offset and size (little-endian 64-bit).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
 #include <dirent.h>
+#include <elf.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -44,6 +45,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <poll.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/sendfile.h>
@@ -55,8 +57,9 @@
 
 #define MAGIC "COLLECT\x01"
 #define TRAILER_SIZE 24
-/* The copy of the payload inside the private directory. */
-#define PAYLOAD_NAME "collect"
+/* Names staticx gives, in its archive, to links to the program and to its loader. */
+#define PROGRAM_LINK ".staticx.prog"
+#define INTERP_LINK ".staticx.interp"
 
 static const int FORWARDED[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT};
 #define NFORWARDED (sizeof(FORWARDED) / sizeof(FORWARDED[0]))
@@ -107,10 +110,108 @@ static uint64_t le64(const unsigned char *p)
     return v;
 }
 
-/* Copy the payload out of this executable into the private directory; return its path. */
-static char *unpack_payload(void)
+static uint64_t octal(const char *field, size_t size)
 {
-    static char path[sizeof(private_dir) + sizeof(PAYLOAD_NAME) + 1];
+    uint64_t v = 0;
+    for (size_t i = 0; i < size && field[i] >= '0' && field[i] <= '7'; i++)
+        v = v * 8 + (uint64_t)(field[i] - '0');
+    return v;
+}
+
+/* A name from the archive as a path in the private directory: one plain file name, or fail. */
+static void member_path(char *path, size_t size, const char *name)
+{
+    if (name[0] == '\0' || strchr(name, '/') != NULL || strcmp(name, ".") == 0 ||
+        strcmp(name, "..") == 0)
+        fail("this file is damaged: its archive names \"%s\"", name);
+    snprintf(path, size, "%s/%s", private_dir, name);
+}
+
+static Elf64_Shdr *section(Elf64_Ehdr *ehdr, size_t size, const char *name)
+{
+    if (ehdr->e_shoff == 0 || ehdr->e_shentsize != sizeof(Elf64_Shdr) ||
+        ehdr->e_shoff + (uint64_t)ehdr->e_shnum * sizeof(Elf64_Shdr) > size ||
+        ehdr->e_shstrndx >= ehdr->e_shnum)
+        return NULL;
+    Elf64_Shdr *sections = (Elf64_Shdr *)((char *)ehdr + ehdr->e_shoff);
+    Elf64_Shdr *names = &sections[ehdr->e_shstrndx];
+    for (int i = 0; i < ehdr->e_shnum; i++) {
+        if (names->sh_offset + sections[i].sh_name + strlen(name) + 1 > size ||
+            sections[i].sh_offset + sections[i].sh_size > size)
+            continue;
+        if (strcmp((char *)ehdr + names->sh_offset + sections[i].sh_name, name) == 0)
+            return &sections[i];
+    }
+    return NULL;
+}
+
+/* Point the program at the loader and libraries in the private directory, in place: staticx
+ * made its PT_INTERP and DT_RPATH strings long enough (what its own launcher does). */
+static void patch_program(const char *path)
+{
+    int fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0)
+        fail("cannot open %s: %s", path, strerror(errno));
+    size_t size = (size_t)st.st_size;
+    char *map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (map == MAP_FAILED)
+        fail("cannot map %s: %s", path, strerror(errno));
+    Elf64_Ehdr *ehdr = (Elf64_Ehdr *)map;
+    if (size < sizeof(*ehdr) || memcmp(ehdr->e_ident, ELFMAG, SELFMAG) != 0 ||
+        ehdr->e_ident[EI_CLASS] != ELFCLASS64 || ehdr->e_phentsize != sizeof(Elf64_Phdr) ||
+        ehdr->e_phoff + (uint64_t)ehdr->e_phnum * sizeof(Elf64_Phdr) > size)
+        fail("this file is damaged: its program is no 64-bit ELF file");
+
+    char interp[sizeof(private_dir) + 32];
+    snprintf(interp, sizeof(interp), "%s/%s", private_dir, INTERP_LINK);
+    Elf64_Phdr *phdrs = (Elf64_Phdr *)(map + ehdr->e_phoff);
+    int interp_set = 0;
+    for (int i = 0; i < ehdr->e_phnum; i++) {
+        if (phdrs[i].p_type != PT_INTERP)
+            continue;
+        if (phdrs[i].p_offset + phdrs[i].p_filesz > size || phdrs[i].p_filesz == 0)
+            break;
+        if (strlen(interp) + 1 > phdrs[i].p_filesz)
+            fail("TMPDIR is too long for the program's loader path (at most %zu bytes in all)",
+                 (size_t)phdrs[i].p_filesz - 1);
+        memset(map + phdrs[i].p_offset, 0, phdrs[i].p_filesz);
+        strcpy(map + phdrs[i].p_offset, interp);
+        interp_set = 1;
+    }
+
+    Elf64_Shdr *dynamic = section(ehdr, size, ".dynamic");
+    Elf64_Shdr *dynstr = section(ehdr, size, ".dynstr");
+    int rpath_set = 0;
+    if (dynamic != NULL && dynstr != NULL) {
+        Elf64_Dyn *dyn = (Elf64_Dyn *)(map + dynamic->sh_offset);
+        for (size_t i = 0; i < dynamic->sh_size / sizeof(Elf64_Dyn) && dyn[i].d_tag != DT_NULL;
+             i++) {
+            if (dyn[i].d_tag != DT_RPATH || dyn[i].d_un.d_val >= dynstr->sh_size)
+                continue;
+            char *rpath = map + dynstr->sh_offset + dyn[i].d_un.d_val;
+            size_t room = strnlen(rpath, dynstr->sh_size - dyn[i].d_un.d_val);
+            if (strlen(private_dir) > room)
+                fail("TMPDIR is too long for the program's library path (at most %zu bytes "
+                     "in all)",
+                     room);
+            memset(rpath, 0, room);
+            memcpy(rpath, private_dir, strlen(private_dir));
+            rpath_set = 1;
+        }
+    }
+    if (!interp_set || !rpath_set)
+        fail("this file is damaged: its program has no loader or library path to set");
+    if (munmap(map, size) != 0 || close(fd) != 0)
+        fail("cannot write %s: %s", path, strerror(errno));
+}
+
+/* Unpack the archive appended to this executable (staticx's: the program, its loader and
+ * libraries, as a tar file of regular files and symbolic links) into the private directory;
+ * return the program's path. */
+static char *unpack_bundle(void)
+{
+    static char program[sizeof(private_dir) + 256];
     int self = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
     if (self < 0)
         fail("cannot open /proc/self/exe (%s): is /proc mounted?", strerror(errno));
@@ -124,25 +225,59 @@ static char *unpack_payload(void)
     if (offset > (uint64_t)st.st_size || size != (uint64_t)st.st_size - TRAILER_SIZE - offset)
         fail("this file is truncated or damaged: its program does not fit in it");
 
-    snprintf(path, sizeof(path), "%s/%s", private_dir, PAYLOAD_NAME);
-    int out = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0700);
-    if (out < 0)
-        fail("cannot create %s: %s", path, strerror(errno));
-    off_t from = (off_t)offset;
-    uint64_t left = size;
-    while (left > 0) {
-        ssize_t n = sendfile(out, self, &from, left > (1 << 30) ? (1 << 30) : left);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            fail("cannot write %s: %s", path, n < 0 ? strerror(errno) : "unexpected end of file");
-        left -= (uint64_t)n;
+    uint64_t at = offset, end = offset + size;
+    program[0] = '\0';
+    while (at + 512 <= end) {
+        char header[512];
+        if (pread(self, header, sizeof(header), (off_t)at) != sizeof(header))
+            fail("cannot read this file: %s", strerror(errno));
+        if (header[0] == '\0')
+            break; /* the archive's end */
+        char name[101], target[101], path[sizeof(private_dir) + 128];
+        memcpy(name, header, 100);
+        name[100] = '\0';
+        memcpy(target, header + 157, 100);
+        target[100] = '\0';
+        uint64_t length = octal(header + 124, 12);
+        mode_t mode = (mode_t)octal(header + 100, 8) & 0700;
+        at += 512;
+        if (length > end - at)
+            fail("this file is truncated or damaged: its archive ends early");
+        member_path(path, sizeof(path), name);
+        if (header[156] == '2') {
+            if (symlink(target, path) != 0)
+                fail("cannot create %s: %s", path, strerror(errno));
+            if (strcmp(name, PROGRAM_LINK) == 0)
+                member_path(program, sizeof(program), target);
+        } else if (header[156] == '0' || header[156] == '\0') {
+            int out = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode);
+            if (out < 0)
+                fail("cannot create %s: %s", path, strerror(errno));
+            off_t from = (off_t)at;
+            uint64_t left = length;
+            while (left > 0) {
+                ssize_t n = sendfile(out, self, &from, left > (1 << 30) ? (1 << 30) : left);
+                if (n < 0 && errno == EINTR)
+                    continue;
+                if (n <= 0)
+                    fail("cannot write %s: %s", path,
+                         n < 0 ? strerror(errno) : "unexpected end of file");
+                left -= (uint64_t)n;
+            }
+            /* Closed before exec: a file still open for writing cannot be run (ETXTBSY). */
+            if (close(out) != 0)
+                fail("cannot write %s: %s", path, strerror(errno));
+        } else {
+            fail("this file is damaged: its archive holds \"%s\", neither a file nor a link",
+                 name);
+        }
+        at += (length + 511) / 512 * 512;
     }
-    /* Closed before exec: a file still open for writing cannot be executed (ETXTBSY). */
-    if (close(out) != 0)
-        fail("cannot write %s: %s", path, strerror(errno));
     close(self);
-    return path;
+    if (program[0] == '\0')
+        fail("this file is damaged: its archive names no program");
+    patch_program(program);
+    return program;
 }
 
 static void make_private_dir(void)
@@ -240,7 +375,7 @@ int main(int argc, char **argv)
     setrlimit(RLIMIT_CORE, &no_core);
 
     make_private_dir();
-    char *payload = unpack_payload();
+    char *payload = unpack_bundle();
     prctl(PR_SET_CHILD_SUBREAPER, 1);
 
     const char *user_tmpdir = getenv("TMPDIR");

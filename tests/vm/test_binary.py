@@ -32,7 +32,6 @@ from tools.vm.kernels import KERNEL_KEYS
 pytestmark = [pytest.mark.vm, pytest.mark.binary]
 
 BINARY = "/bin/collect-x86_64"
-BARE_MEMORY_MIB = 512
 # Everything on the initramfs root (the share, /proc, /sys and /dev are other mounts), /tmp
 # included: where the binary unpacks.
 LISTING = "find / -xdev | sort"
@@ -41,12 +40,9 @@ LISTING = "find / -xdev | sort"
 @pytest.fixture(scope="module", params=KERNEL_KEYS, ids=[f"linux-{k}" for k in KERNEL_KEYS])
 def bare_guest(request: pytest.FixtureRequest, standalone_binary: Path) -> Iterator[Guest]:
     """A guest booted from the bare initramfs with the binary at /bin/collect-x86_64; one
-    CPU. Its root, and so /tmp, is the initramfs, which the kernel caps at half the RAM: the
-    binary (30 MB) and what a run unpacks there (124 MB) do not fit in half of the bench's
-    usual 384 MiB (146 MiB usable), so this guest has 512 MiB."""
-    yield from session_guest(
-        request.param, " (bare)", bare_files={BINARY: standalone_binary}, memory_mib=BARE_MEMORY_MIB
-    )
+    CPU, the bench's usual memory. Its root, and so /tmp where the binary unpacks, is the
+    initramfs, which the kernel caps at half the RAM (146 MiB of 384 MiB)."""
+    yield from session_guest(request.param, " (bare)", bare_files={BINARY: standalone_binary})
 
 
 @dataclass
