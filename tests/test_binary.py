@@ -363,6 +363,22 @@ def test_an_unusable_tmpdir_is_one_line_and_status_1(standalone_binary, tmp_path
     )
 
 
+def test_a_tmpdir_too_long_for_the_loader_path_is_one_line_and_status_1(
+    standalone_binary, tmp_path
+):
+    # staticx leaves 256 bytes for the loader's path, "/collect-XXXXXX/.staticx.interp" in it.
+    deep = tmp_path / ("d" * 200) / ("d" * 100)
+    deep.mkdir(parents=True)
+    result = run(standalone_binary, "--version", env={"TMPDIR": str(deep)})
+    assert (result.returncode, result.stdout) == (1, "")
+    room = 256 - len("/collect-XXXXXX/.staticx.interp")
+    assert result.stderr == (
+        f"collect: error: TMPDIR is too long: its real path has {len(str(deep))} bytes, and "
+        f"the program has room for {room}\n"
+    )
+    assert list(deep.iterdir()) == []
+
+
 def test_a_truncated_file_says_so(standalone_binary, tmp_path):
     part = tmp_path / "part"
     part.write_bytes(standalone_binary.read_bytes()[: 4 << 20])

@@ -145,6 +145,15 @@ static Elf64_Shdr *section(Elf64_Ehdr *ehdr, size_t size, const char *name)
     return NULL;
 }
 
+/* `room`: the longest private directory path the program has room for. */
+static void tmpdir_too_long(size_t room) __attribute__((noreturn));
+static void tmpdir_too_long(size_t room)
+{
+    const size_t name = sizeof("/collect-XXXXXX") - 1;
+    fail("TMPDIR is too long: its real path has %zu bytes, and the program has room for %zu",
+         strlen(private_dir) - name, room > name ? room - name : 0);
+}
+
 /* Point the program at the loader and libraries in the private directory, in place: staticx
  * made its PT_INTERP and DT_RPATH strings long enough (what its own launcher does). */
 static void patch_program(const char *path)
@@ -173,8 +182,7 @@ static void patch_program(const char *path)
         if (phdrs[i].p_offset + phdrs[i].p_filesz > size || phdrs[i].p_filesz == 0)
             break;
         if (strlen(interp) + 1 > phdrs[i].p_filesz)
-            fail("TMPDIR is too long for the program's loader path (at most %zu bytes in all)",
-                 (size_t)phdrs[i].p_filesz - 1);
+            tmpdir_too_long(phdrs[i].p_filesz - 1 - (strlen(interp) - strlen(private_dir)));
         memset(map + phdrs[i].p_offset, 0, phdrs[i].p_filesz);
         strcpy(map + phdrs[i].p_offset, interp);
         interp_set = 1;
@@ -192,9 +200,7 @@ static void patch_program(const char *path)
             char *rpath = map + dynstr->sh_offset + dyn[i].d_un.d_val;
             size_t room = strnlen(rpath, dynstr->sh_size - dyn[i].d_un.d_val);
             if (strlen(private_dir) > room)
-                fail("TMPDIR is too long for the program's library path (at most %zu bytes "
-                     "in all)",
-                     room);
+                tmpdir_too_long(room);
             memset(rpath, 0, room);
             memcpy(rpath, private_dir, strlen(private_dir));
             rpath_set = 1;
@@ -292,7 +298,12 @@ static void make_private_dir(void)
         fail("cannot create a private directory in %s (%s): set TMPDIR to a writable "
              "directory, e.g. TMPDIR=/dev/shm",
              root, strerror(errno));
-    strcpy(private_dir, template);
+    /* Absolute and free of symbolic links: it goes into the program's loader and library
+     * paths, which a relative TMPDIR would tie to the current directory. */
+    if (realpath(template, private_dir) == NULL) {
+        rmdir(template);
+        fail("cannot resolve %s: %s", template, strerror(errno));
+    }
     struct statvfs fs;
     if (statvfs(private_dir, &fs) == 0 && (fs.f_flag & ST_NOEXEC))
         fail("%s is on a filesystem mounted noexec, where the unpacked runtime cannot run: "

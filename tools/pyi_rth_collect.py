@@ -12,7 +12,10 @@ import signal
 _ready = os.environ.pop("COLLECT_READY_FD", None)
 if _ready is not None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    os.write(int(_ready), b"%d\n" % os.getpid())
-    os.close(int(_ready))
+    try:
+        os.write(int(_ready), b"%d\n" % os.getpid())
+        os.close(int(_ready))
+    except OSError:
+        pass  # the guardian is gone (SIGKILL): nothing to ask for
 elif signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
