@@ -193,20 +193,28 @@ def standalone() -> bool:
     return bool(getattr(sys, "frozen", False))
 
 
-def restore_standalone_environment() -> None:
-    """Give the standalone build's Python the caller's TMPDIR back, and Python's SIGINT
-    handler.
+def interrupt_once(signum: int, frame: object) -> None:
+    """The standalone build's SIGINT handler outside :func:`collector.signals.handled`: a
+    KeyboardInterrupt, which ends the command; copies that PyInstaller's launcher relays
+    (Ctrl-C reaches it too) are ignored rather than interrupting main()'s report of it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.default_int_handler(signum, frame)
 
-    The outermost process (tools/guardian.c) points TMPDIR at its private directory so the
-    launchers unpack inside it, and passes the caller's own in COLLECT_USER_TMPDIR (absent
+
+def restore_standalone_environment() -> None:
+    """Give the standalone build's Python the caller's TMPDIR back, and a SIGINT handler.
+
+    The outermost process (tools/guardian.c) points TMPDIR at its private directory so
+    PyInstaller unpacks inside it, and passes the caller's own in COLLECT_USER_TMPDIR (absent
     when the caller had none); anything collect starts or creates gets the caller's.
     """
     if not standalone():
         return
-    # tools/pyi_rth_collect.py gave SIGINT its default action for the start-up; from here
-    # on a Ctrl-C is an Interrupted or KeyboardInterrupt that main() reports.
+    # tools/pyi_rth_collect.py gave SIGINT its default action for the start-up (a SIGINT the
+    # caller ignores stays ignored); from here on a Ctrl-C is an Interrupted or
+    # KeyboardInterrupt that main() reports.
     if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, interrupt_once)
     if "COLLECT_PRIVATE_DIR" not in os.environ:
         return
     del os.environ["COLLECT_PRIVATE_DIR"]

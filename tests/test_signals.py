@@ -84,16 +84,15 @@ from collector import cli
 cli.restore_standalone_environment()
 print(os.environ.get("TMPDIR", "<unset>"), "COLLECT_PRIVATE_DIR" in os.environ,
       "COLLECT_USER_TMPDIR" in os.environ,
-      "KeyboardInterrupt" if signal.getsignal(signal.SIGINT) is signal.default_int_handler
-      else "SIG_DFL")
+      "interrupt_once" if signal.getsignal(signal.SIGINT) is cli.interrupt_once else "SIG_DFL")
 """
 
 
 @pytest.mark.parametrize(
     ("env", "frozen", "expected"),
     [
-        ({"COLLECT_USER_TMPDIR": "/srv/tmp"}, True, "/srv/tmp False False KeyboardInterrupt"),
-        ({}, True, "<unset> False False KeyboardInterrupt"),
+        ({"COLLECT_USER_TMPDIR": "/srv/tmp"}, True, "/srv/tmp False False interrupt_once"),
+        ({}, True, "<unset> False False interrupt_once"),
         # The Python build leaves all of it alone.
         ({"COLLECT_USER_TMPDIR": "/srv/tmp"}, False, "/private True True SIG_DFL"),
     ],
@@ -116,3 +115,21 @@ def test_the_standalone_build_gives_python_the_callers_tmpdir_and_sigint_handler
         timeout=60,
     )
     assert (result.returncode, result.stdout, result.stderr) == (0, expected + "\n", "")
+
+
+def test_outside_a_capture_the_standalone_build_takes_one_sigint_and_ignores_its_copies():
+    result = child(
+        """
+        import os, signal
+        from collector import cli
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as the runtime hook leaves it
+        cli.restore_standalone_environment()
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            os.kill(os.getpid(), signal.SIGINT)  # the launcher's copy, while reporting
+            print("reported")
+        """,
+        frozen=True,
+    )
+    assert (result.returncode, result.stdout) == (0, "reported\n")
