@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -52,11 +53,12 @@ the chunk under way is completed and the image closed, saying what it misses.
 
 STANDALONE_EPILOG = """
 standalone build: this file carries Python and the libraries collect needs. Each run unpacks
-them into two new private directories (mode 0700) under $TMPDIR (default /tmp), staticx-XXXXXX
-(the C library and loader) and _MEIXXXXXX (Python and its packages), and removes both when it
-exits, also on SIGINT and SIGTERM. Only SIGKILL, or a signal in the first moments while they
-are still being unpacked, leaves them behind. Nothing else is written but the image; to keep
-even these off the disk being examined, point TMPDIR at a tmpfs (TMPDIR=/dev/shm).
+them into one new private directory (mode 0700) under $TMPDIR (default /tmp),
+collect-XXXXXX, and removes it when it exits, whatever ends it (SIGINT, SIGTERM, SIGHUP and
+SIGQUIT at any moment included); only SIGKILL of the first process can leave it behind. It
+holds the C library, the loader and the program, and _MEIXXXXXX (Python and its packages).
+Nothing else is written but the image; to keep even this off the disk being examined, point
+TMPDIR at a tmpfs (TMPDIR=/dev/shm).
 """
 
 
@@ -189,6 +191,38 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
 def standalone() -> bool:
     """Whether this is the one-file build of tools/binary.py (PyInstaller sets sys.frozen)."""
     return bool(getattr(sys, "frozen", False))
+
+
+def interrupt_once(signum: int, frame: object) -> None:
+    """The standalone build's SIGINT handler outside :func:`collector.signals.handled`: a
+    KeyboardInterrupt, which ends the command; copies that PyInstaller's launcher relays
+    (Ctrl-C reaches it too) are ignored rather than interrupting main()'s report of it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.default_int_handler(signum, frame)
+
+
+def restore_standalone_environment() -> None:
+    """Give the standalone build's Python the caller's TMPDIR back, and a SIGINT handler.
+
+    The outermost process (tools/guardian.c) points TMPDIR at its private directory so
+    PyInstaller unpacks inside it, and passes the caller's own in COLLECT_USER_TMPDIR (absent
+    when the caller had none); anything collect starts or creates gets the caller's.
+    """
+    if not standalone():
+        return
+    # tools/pyi_rth_collect.py gave SIGINT its default action for the start-up (a SIGINT the
+    # caller ignores stays ignored); from here on a Ctrl-C is an Interrupted or
+    # KeyboardInterrupt that main() reports.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:
+        signal.signal(signal.SIGINT, interrupt_once)
+    if "COLLECT_PRIVATE_DIR" not in os.environ:
+        return
+    del os.environ["COLLECT_PRIVATE_DIR"]
+    user = os.environ.pop("COLLECT_USER_TMPDIR", None)
+    if user is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = user
 
 
 def version_text() -> str:
@@ -893,6 +927,7 @@ INTERMIXED = {"translate"}
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    restore_standalone_environment()
     try:
         top, commands = command_parser(
             with_analysis=bool(argv) and argv[0] in ANALYSIS_COMMANDS,

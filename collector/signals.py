@@ -5,10 +5,13 @@ planning, probing and exports stop at once and their ``finally`` blocks clean up
 image is being written, a signal only asks the loop to stop: the chunk under way is completed
 and the image is closed properly. A second signal then ends the process at once.
 
-In the standalone build (tools/binary.py) the program runs under two launcher processes that
-each pass SIGINT and SIGTERM on; Ctrl-C on a terminal reaches all three processes, so the
-Python process receives the same signal up to three times within milliseconds. There, copies
-of a signal that arrive within :data:`RELAY_WINDOW` of the first count as that one signal.
+In the standalone build (tools/binary.py) the program runs under two processes that each
+pass SIGINT and SIGTERM on: the guardian (tools/guardian.c) and PyInstaller's launcher. A
+signal sent to the process group (``kill -TERM -PGID``) reaches all three, and the relays add
+their copies, so the Python process receives the same signal up to three times within
+milliseconds (Ctrl-C on a terminal up to twice: the guardian does not relay what the terminal
+sent to the whole group). There, copies of a signal that arrive within :data:`RELAY_WINDOW`
+of the first count as that one signal.
 """
 
 from __future__ import annotations

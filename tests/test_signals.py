@@ -6,6 +6,7 @@ is what PyInstaller sets in the standalone build.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -33,7 +34,7 @@ import os, signal, time
 from collector import signals
 with signals.handled() as state:
     stop = state.defer()
-    for _ in range(3):  # the signal itself and the two launchers' copies
+    for _ in range(3):  # the signal itself and the guardian's and the launcher's copies
         os.kill(os.getpid(), signal.SIGTERM)
     print("stopped once" if stop.is_set() and stop.signum == signal.SIGTERM else "not stopped")
     sys.stdout.flush()
@@ -75,3 +76,60 @@ def test_copies_of_an_interrupting_signal_do_not_interrupt_the_cleanup(frozen):
     )
     expected = "cleanup finished" if frozen else "cleanup interrupted"
     assert (result.returncode, result.stdout) == (0, f"interrupted by 2\n{expected}\n")
+
+
+RESTORE = """
+import os, signal
+from collector import cli
+cli.restore_standalone_environment()
+print(os.environ.get("TMPDIR", "<unset>"), "COLLECT_PRIVATE_DIR" in os.environ,
+      "COLLECT_USER_TMPDIR" in os.environ,
+      "interrupt_once" if signal.getsignal(signal.SIGINT) is cli.interrupt_once else "SIG_DFL")
+"""
+
+
+@pytest.mark.parametrize(
+    ("env", "frozen", "expected"),
+    [
+        ({"COLLECT_USER_TMPDIR": "/srv/tmp"}, True, "/srv/tmp False False interrupt_once"),
+        ({}, True, "<unset> False False interrupt_once"),
+        # The Python build leaves all of it alone.
+        ({"COLLECT_USER_TMPDIR": "/srv/tmp"}, False, "/private True True SIG_DFL"),
+    ],
+    ids=["standalone-caller-tmpdir", "standalone-no-tmpdir", "python-build-untouched"],
+)
+def test_the_standalone_build_gives_python_the_callers_tmpdir_and_sigint_handler(
+    env, frozen, expected
+):
+    # As tools/guardian.c and tools/pyi_rth_collect.py leave the Python process.
+    source = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_DFL)\n" + RESTORE
+    environ = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "COLLECT_USER_TMPDIR")}
+    environ |= {"TMPDIR": "/private", "COLLECT_PRIVATE_DIR": "/private", **env}
+    prelude = "import sys\n" + ("sys.frozen = True\n" if frozen else "")
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + source],
+        cwd=REPO,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, expected + "\n", "")
+
+
+def test_outside_a_capture_the_standalone_build_takes_one_sigint_and_ignores_its_copies():
+    result = child(
+        """
+        import os, signal
+        from collector import cli
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as the runtime hook leaves it
+        cli.restore_standalone_environment()
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            os.kill(os.getpid(), signal.SIGINT)  # the launcher's copy, while reporting
+            print("reported")
+        """,
+        frozen=True,
+    )
+    assert (result.returncode, result.stdout) == (0, "reported\n")

