@@ -208,13 +208,14 @@ def test_bad_skip_arguments_are_usage_errors(no_struct_pages, tmp_path, capsys):
     assert "--strict applies to --skip free or cache only" in capsys.readouterr().err
 
 
-def test_a_plain_capture_does_not_import_numpy(no_struct_pages, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--skip", "zero"]], ids=["plain", "skip-zero"])
+def test_a_capture_without_struct_pages_does_not_import_numpy(no_struct_pages, tmp_path, extra):
     if no_struct_pages.mode != "fuse":
         pytest.skip("the emulated device files answer only inside this process")
     code = (
         "import sys; from collector.cli import main; "
         f"rc = main(['--profile', 'x86_64', '--sysroot', {str(no_struct_pages.root)!r}, "
-        f"'-o', {str(tmp_path / 'plain.lime.zst')!r}]); "
+        f"*{extra!r}, '-o', {str(tmp_path / 'image.lime.zst')!r}]); "
         "print(rc, 'numpy' in sys.modules)"
     )
     out = subprocess.run(
