@@ -196,7 +196,9 @@ def test_mem_usage_walks_the_per_cpu_free_lists(skipped: Skipped) -> None:
     pcp = skipped.usage["per_cpu_lists"]
     seen = [skipped.free_before["pcp_count"], skipped.free_after["pcp_count"]]
     print(f"\nper-CPU lists: {pcp}; /proc/zoneinfo before and after: {seen}")
-    assert skipped.usage["notes"] == []
+    # The lists change while they are walked: a list that breaks (a link NULL or poisoned
+    # by a page just taken off it) is left there, with a note; any other note is a failure.
+    assert [n for n in skipped.usage["notes"] if "per-CPU" not in n or "list" not in n] == []
     # What the walk found against what the lists said they held (pcp->count, read during
     # the same walk): lists that changed while they were walked add or lose pages, checked
     # again per chunk before anything is skipped. /proc/zoneinfo, read right before and

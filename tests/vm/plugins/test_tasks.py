@@ -166,12 +166,24 @@ def check_psaux(capture: Capture, kernel: Kernel) -> None:
     )
 
 
+#: The note on a task found by walking the task list backwards past a break in it (a process
+#: that exited while the capture ran broke the list). Such a task, if whole, is placed under
+#: its parent like any other; a torn or unlinked one is not.
+PAST_BREAK = "past where it broke"
+
+
+def placed(r: dict) -> bool:
+    """Whether pstree must put this task in the tree by its parent."""
+    return r["note"] is None or (PAST_BREAK in r["note"] and r["ppid"] is not None)
+
+
 def check_pstree(capture: Capture, kernel: Kernel) -> None:
-    listed = {r["pid"]: r for r in records(kernel, "pslist") if r["note"] is None}
+    listed = {r["pid"]: r for r in records(kernel, "pslist") if placed(r)}
     tree = records(kernel, "pstree")
     depth: dict[int, int] = {}
     for r in tree:
-        if r["note"] is not None:
+        if not placed(r):
+            # torn, unlinked, or its parent not on the list: shown at depth 0
             assert r["depth"] == 0, r
             continue
         pid = r["pid"]
