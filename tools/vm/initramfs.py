@@ -44,9 +44,8 @@ OUT_MOUNT = "/out"
 GUEST_OUT = "/tmp/vmout"  # where the writable share appears inside the chroot
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144"
 
-INIT_SCRIPT = r"""#!/bin/sh
-# PID 1 of the test guest: mount the host's root read-only, then run commands from the share.
-export PATH=/bin:/sbin
+# What both kinds of /init do first: the kernel's own filesystems and the modules.
+_BOOT = r"""export PATH=/bin:/sbin
 say() { echo "vm-init: $*"; }
 die() { say "FATAL: $*"; sync; sleep 1; poweroff -f; }
 
@@ -58,7 +57,59 @@ for m in $(cat /etc/modules.list); do
   insmod "/lib/modules/$m.ko" || say "insmod $m failed"
 done
 
-mount -t 9p -o ro,cache=loose,@NINEP@ host @HOST@ || die "cannot mount the host root over 9p"
+"""
+
+# Then, the mounts done, both say they are ready and run the commands the host writes into
+# the share (@RUN@: how one runs) until told to power off (@UMOUNT@: what to unmount first).
+# Every command runs in the background in its own session, so the agent stays responsive: a
+# later command can kill an earlier one's process group (its pid is in res/N.pid).
+_SERVE = r"""{
+  echo "release=$(uname -r)"
+  echo "modules=$(cat /etc/modules.list | tr '\n' ' ')"
+  echo "uptime=$(cut -d' ' -f1 /proc/uptime)"
+} >@OUT@/ready.tmp
+mv @OUT@/ready.tmp @OUT@/ready
+say "ready"
+
+start() {
+  r=@OUT@/res/$1
+  (
+    setsid @RUN@ >"$r.stdout" 2>"$r.stderr" </dev/null &
+    echo $! >"$r.pid"
+    wait $!
+    echo $? >"$r.rc.tmp"
+    mv "$r.rc.tmp" "$r.rc"
+  ) &
+}
+
+n=1
+while :; do
+  if [ -e @OUT@/ctl/poweroff ]; then
+    break
+  elif [ -e @OUT@/cmd/$n.sh ]; then
+    start $n
+    n=$((n + 1))
+  else
+    usleep 50000
+  fi
+done
+say "powering off"
+sync
+umount @UMOUNT@ 2>/dev/null
+poweroff -f
+"""
+
+
+def _serve(run: str, umount: str) -> str:
+    return _SERVE.replace("@RUN@", run).replace("@UMOUNT@", umount)
+
+
+INIT_SCRIPT = (
+    "#!/bin/sh\n"
+    "# PID 1 of the test guest: mount the host's root read-only, then run commands from the "
+    "share.\n"
+    + _BOOT
+    + r"""mount -t 9p -o ro,cache=loose,@NINEP@ host @HOST@ || die "cannot mount the host root over 9p"
 mount -t 9p -o @NINEP@ out @OUT@ || die "cannot mount the output share over 9p"
 mount -t proc proc @HOST@/proc || die "cannot mount @HOST@/proc"
 mount -t sysfs sysfs @HOST@/sys || die "cannot mount @HOST@/sys"
@@ -85,98 +136,22 @@ mkdir -p @HOST@@GUEST_OUT@
 mount -o bind @OUT@ @HOST@@GUEST_OUT@ || die "cannot bind the output share into the chroot"
 mkdir -p @OUT@/cmd @OUT@/res @OUT@/ctl
 
-{
-  echo "release=$(uname -r)"
-  echo "modules=$(cat /etc/modules.list | tr '\n' ' ')"
-  echo "uptime=$(cut -d' ' -f1 /proc/uptime)"
-} >@OUT@/ready.tmp
-mv @OUT@/ready.tmp @OUT@/ready
-say "ready"
-
-# Every command runs in the background in its own session, so the agent stays responsive:
-# a later command can kill an earlier one's process group (its pid is in res/N.pid).
-start() {
-  r=@OUT@/res/$1
-  (
-    setsid chroot @HOST@ /bin/sh @GUEST_OUT@/cmd/$1.sh >"$r.stdout" 2>"$r.stderr" </dev/null &
-    echo $! >"$r.pid"
-    wait $!
-    echo $? >"$r.rc.tmp"
-    mv "$r.rc.tmp" "$r.rc"
-  ) &
-}
-
-n=1
-while :; do
-  if [ -e @OUT@/ctl/poweroff ]; then
-    break
-  elif [ -e @OUT@/cmd/$n.sh ]; then
-    start $n
-    n=$((n + 1))
-  else
-    usleep 50000
-  fi
-done
-say "powering off"
-sync
-umount @HOST@@GUEST_OUT@ @OUT@ 2>/dev/null
-poweroff -f
 """
+    + _serve("chroot @HOST@ /bin/sh @GUEST_OUT@/cmd/$1.sh", "@HOST@@GUEST_OUT@ @OUT@")
+)
 
 
 # PID 1 of a bare guest: nothing from the host but the writable share; commands run in the
 # initramfs itself, so what they leave behind there can be listed.
-BARE_INIT_SCRIPT = r"""#!/bin/sh
-export PATH=/bin:/sbin
-say() { echo "vm-init: $*"; }
-die() { say "FATAL: $*"; sync; sleep 1; poweroff -f; }
-
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-
-for m in $(cat /etc/modules.list); do
-  insmod "/lib/modules/$m.ko" || say "insmod $m failed"
-done
-
-mount -t 9p -o @NINEP@ out @OUT@ || die "cannot mount the output share over 9p"
+BARE_INIT_SCRIPT = (
+    "#!/bin/sh\n"
+    + _BOOT
+    + r"""mount -t 9p -o @NINEP@ out @OUT@ || die "cannot mount the output share over 9p"
 mkdir -p @OUT@/cmd @OUT@/res @OUT@/ctl
 
-{
-  echo "release=$(uname -r)"
-  echo "modules=$(cat /etc/modules.list | tr '\n' ' ')"
-  echo "uptime=$(cut -d' ' -f1 /proc/uptime)"
-} >@OUT@/ready.tmp
-mv @OUT@/ready.tmp @OUT@/ready
-say "ready"
-
-start() {
-  r=@OUT@/res/$1
-  (
-    setsid /bin/sh @OUT@/cmd/$1.sh >"$r.stdout" 2>"$r.stderr" </dev/null &
-    echo $! >"$r.pid"
-    wait $!
-    echo $? >"$r.rc.tmp"
-    mv "$r.rc.tmp" "$r.rc"
-  ) &
-}
-
-n=1
-while :; do
-  if [ -e @OUT@/ctl/poweroff ]; then
-    break
-  elif [ -e @OUT@/cmd/$n.sh ]; then
-    start $n
-    n=$((n + 1))
-  else
-    usleep 50000
-  fi
-done
-say "powering off"
-sync
-umount @OUT@ 2>/dev/null
-poweroff -f
 """
+    + _serve("/bin/sh @OUT@/cmd/$1.sh", "@OUT@")
+)
 # Applets a bare guest's commands may use (the chrooted guest has the host's tools instead).
 BARE_APPLETS: tuple[str, ...] = (
     "ls",
