@@ -209,17 +209,21 @@ def _default_signals() -> None:
         signal.signal(signum, signal.SIG_DFL)
 
 
-def _plan(binary: Path, fake: FakeHost, tmpdir: Path, **kwargs) -> subprocess.Popen[str]:
+def _start(binary: Path, tmpdir: Path, *args: str) -> subprocess.Popen[str]:
+    """The binary with ``args``, unpacking into ``tmpdir``, in a session of its own."""
     return subprocess.Popen(
-        [str(binary), "plan", "--profile", "x86_64", "--sysroot", str(fake.root)],
+        [str(binary), *args],
         env={"TMPDIR": str(tmpdir)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
         preexec_fn=_default_signals,
-        **kwargs,
     )
+
+
+def _plan(binary: Path, fake: FakeHost, tmpdir: Path) -> subprocess.Popen[str]:
+    return _start(binary, tmpdir, "plan", "--profile", "x86_64", "--sysroot", str(fake.root))
 
 
 def test_while_running_it_holds_one_private_directory(standalone_binary, fake, unpack_dir):
@@ -404,23 +408,10 @@ def test_a_signal_closes_the_image_and_removes_what_was_unpacked(
     planted(fake, HUGE)
     fake.allow(0x100200000, HUGE_END)
     out = tmp_path / "huge.lime.zst"
-    proc = subprocess.Popen(
-        [
-            str(standalone_binary),
-            "--profile",
-            "x86_64",
-            "--sysroot",
-            str(fake.root),
-            "-o",
-            str(out),
-            "--json",
-        ],
-        env={"TMPDIR": str(unpack_dir)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=_default_signals,
+    proc = _start(
+        standalone_binary,
+        unpack_dir,
+        *("--profile", "x86_64", "--sysroot", str(fake.root), "-o", str(out), "--json"),
     )
     deadline = time.monotonic() + 120
     while not out.exists() or out.stat().st_size < 64 << 10:
