@@ -787,17 +787,10 @@ class PageWalker:
         if not self._has_map(pfn):
             return False
         try:
-            (page,) = self.read(pfn, 1)
+            page = self.read(pfn, 1)
         except (PageNotCaptured, ImageError):
             return False
-        lru = self.format.flag("PG_lru") | self.format.flag("PG_head")
-        return (
-            int(page["refcount"]) == 0
-            and int(page["mapping"]) == 0
-            and int(page["flags"]) & lru == 0
-            and int(page["compound_head"]) & 1 == 0
-            and _untyped(self.format, int(page["page_type"]))
-        )
+        return bool(_looks_free(self.format, page)[0])
 
     # -- spans ----------------------------------------------------------------------------------
 
@@ -917,11 +910,23 @@ class PageWalker:
         return None
 
 
-def _untyped(fmt: PageFormat, page_type: int) -> bool:
-    """Whether a page carries no page type: a free page's _mapcount is -1."""
+def _looks_free(fmt: PageFormat, pages: np.ndarray) -> np.ndarray:
+    """Which of ``pages`` (compact struct page records) show what free_pages_prepare()
+    leaves on a page it frees and page_expected_state() checks: no references, no mapping,
+    no page type (_mapcount -1), not on an LRU list, not part of a compound page."""
+    page_type = pages["page_type"].astype(np.uint32)
     if fmt.type_scheme == "top-byte":
-        return page_type >> 24 == 0xFF
-    return page_type == 0xFFFFFFFF
+        untyped = (page_type >> np.uint32(24)) == np.uint32(0xFF)
+    else:
+        untyped = page_type == np.uint32(0xFFFFFFFF)
+    bits = np.uint64(fmt.flag("PG_lru") | fmt.flag("PG_head"))
+    return (
+        (pages["refcount"] == 0)
+        & (pages["mapping"] == 0)
+        & untyped
+        & ((pages["flags"].astype(np.uint64) & bits) == 0)
+        & ((pages["compound_head"].astype(np.uint64) & np.uint64(1)) == 0)
+    )
 
 
 def _type_is(fmt: PageFormat, page_type: np.ndarray, cls: str) -> np.ndarray | None:
@@ -1002,24 +1007,9 @@ def classify(
 
     # Per-CPU free lists: blocks found by walking zone->per_cpu_pageset.
     if len(walker._pcp_start):
-        fresh = None
-        if walker.pcp_recheck:
-            # Walked before these struct pages were read: a block counts while its head
-            # still shows what free_pages_prepare() leaves and page_expected_state() checks
-            # (no references, mapping, type, LRU or compound page). A block whose head is
-            # outside this batch is not believed.
-            bits = np.uint64(fmt.flag("PG_lru") | fmt.flag("PG_head"))
-            if fmt.type_scheme == "top-byte":
-                untyped = (page_type[:n] >> np.uint32(24)) == np.uint32(0xFF)
-            else:
-                untyped = page_type[:n] == np.uint32(0xFFFFFFFF)
-            fresh = (
-                (refcount == 0)
-                & (mapping == 0)
-                & untyped
-                & ((flags[:n] & bits) == 0)
-                & ((chead & np.uint64(1)) == 0)
-            )
+        # Walked before these struct pages were read (a live machine): a block counts while
+        # its head still looks free. A block whose head is outside this batch is not believed.
+        fresh = _looks_free(fmt, pages[:n]) if walker.pcp_recheck else None
         pcp = np.zeros(n + 1, dtype=np.int64)
         lo = np.searchsorted(walker._pcp_start + walker._pcp_len, start, side="right")
         hi = np.searchsorted(walker._pcp_start, start + n, side="left")
