@@ -281,44 +281,17 @@ def with_zero_pages(data: bytes, paddr: int, page_size: int, runs: list[FateRun]
     rest is known to be zeros already and has its fate."""
     lead = paddr % page_size
     pages = (lead + len(data) + page_size - 1) // page_size
-    zero: list[tuple[int, int]] = []
+    added: list[FateRun] = []
     pos = 0
     for first, stop in [*((r.start, r.start + r.count) for r in runs), (pages, pages)]:
         if first > pos:  # pages [pos, first) were read
             lo = max(0, pos * page_size - lead)
             hi = min(len(data), first * page_size - lead)
-            for z in zero_runs(data, paddr, page_size, lo, hi):
-                if zero and zero[-1][1] == z[0]:
-                    zero[-1] = (zero[-1][0], z[1])
-                else:
-                    zero.append(z)
+            for a, b in zero_runs(data, paddr, page_size, lo, hi):
+                added.append(FateRun(a, b - a, Fate.READ_ZERO))
         pos = max(pos, stop)
-    if not zero:
-        return runs
-    added: list[FateRun] = []
-    k = 0
-    for first, end in zero:
-        pos = first
-        while pos < end:
-            while k < len(runs) and runs[k].start + runs[k].count <= pos:
-                k += 1
-            if k < len(runs) and runs[k].start <= pos:
-                pos = runs[k].start + runs[k].count
-                continue
-            stop = min(end, runs[k].start) if k < len(runs) else end
-            added.append(FateRun(pos, stop - pos, Fate.READ_ZERO))
-            pos = stop
-    if not added:
-        return runs
-    merged = sorted([*runs, *added], key=lambda r: r.start)
-    out = [merged[0]]
-    for r in merged[1:]:
-        prev = out[-1]
-        if (prev.fate, prev.errno) == (r.fate, r.errno) and prev.start + prev.count == r.start:
-            out[-1] = FateRun(prev.start, prev.count + r.count, r.fate, r.errno)
-        else:
-            out.append(r)
-    return out
+    # Each zero run lies between two of ``runs``: none overlaps them or touches another.
+    return sorted([*runs, *added], key=lambda r: r.start) if added else runs
 
 
 def _read_pages(
