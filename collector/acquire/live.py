@@ -173,15 +173,15 @@ class LiveKernel(Kernel):
         super().__init__(memory, vmcoreinfo=vmcoreinfo, symbols=symbols, btf=btf, profile="x86_64")
         self.live_memory = memory
         self._kcore = kcore
-        self._virtual = []
+        self._segments = []
         if kcore is not None:
             # Every segment: the vmemmap (struct pages) and, for the per-CPU lists' walk, the
             # kernel image (node_data, __per_cpu_offset), the direct map (the nodes, zones and
             # per-CPU areas) and vmalloc (per-CPU areas allocated later).
-            self._virtual = sorted(
+            self._segments = sorted(
                 (s for s in kcore.segments if s.p_filesz), key=lambda s: s.p_vaddr
             )
-        self._vstarts = [s.p_vaddr for s in self._virtual]
+        self._seg_starts = [s.p_vaddr for s in self._segments]
 
     def _make_layout(self):
         """With kcore, the layout from its program headers alone (no page-table walk)."""
@@ -211,9 +211,9 @@ class LiveKernel(Kernel):
         return super()._make_layout()
 
     def read_virt(self, vaddr: int, size: int) -> bytes:
-        k = bisect.bisect_right(self._vstarts, vaddr) - 1
+        k = bisect.bisect_right(self._seg_starts, vaddr) - 1
         if k >= 0:
-            seg = self._virtual[k]
+            seg = self._segments[k]
             if vaddr + size <= seg.p_vaddr + seg.p_filesz:
                 assert self._kcore is not None
                 try:
@@ -224,7 +224,7 @@ class LiveKernel(Kernel):
                     raise PageNotCaptured(vaddr, Fate.UNREADABLE, e.errno or 0) from None
                 self.live_memory.bytes_read += size
                 return data
-        if self._kcore is not None and self._virtual:
+        if self._kcore is not None and self._segments:
             # kcore maps the struct pages of all RAM and every other kernel mapping: what it
             # does not map is not there (or is device memory, never read).
             raise PageNotCaptured(vaddr, Fate.NOT_COVERED)
